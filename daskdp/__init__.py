@@ -1,0 +1,31 @@
+"""daskdp: offline LLM generation over many prompts on a Dask cluster of vLLM engines.
+
+``import daskdp`` is cheap: Dask, vLLM and torch load only when a function needs them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["EnginePlugin", "RankedLocalCluster", "generate", "run"]
+
+_LOCATIONS = {
+    "EnginePlugin": "daskdp.plugin",
+    "RankedLocalCluster": "daskdp.cluster",
+    "generate": "daskdp.api",
+    "run": "daskdp.runner",
+}
+
+if TYPE_CHECKING:
+    from daskdp.api import generate
+    from daskdp.cluster import RankedLocalCluster
+    from daskdp.plugin import EnginePlugin
+    from daskdp.runner import run
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LOCATIONS:
+        import importlib
+
+        return getattr(importlib.import_module(_LOCATIONS[name]), name)
+    raise AttributeError(f"module 'daskdp' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from daskdp.cli import main
+
+sys.exit(main())

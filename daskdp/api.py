@@ -1,0 +1,95 @@
+"""The lazy Python API for notebooks and scripts."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from daskdp import config, io
+from daskdp.cluster import visible_gpus
+from daskdp.errors import UserError
+from daskdp.generate import GenerationRequest, generate_partition, result_meta
+from daskdp.plugin import EnginePlugin, ensure_engines
+
+if TYPE_CHECKING:
+    import dask.dataframe as dd
+    import pandas as pd
+    from distributed import Client
+
+
+def generate(
+    prompts: str | os.PathLike | pd.DataFrame | dd.DataFrame,
+    model: str | None = None,
+    *,
+    client: Client | None = None,
+    config_file: str | None = None,
+    **sampling: Any,
+) -> dd.DataFrame:
+    """Generations for ``prompts`` as a lazy Dask DataFrame.
+
+    The engines are loaded on the client's ``GPU`` workers now (and kept: a second call with
+    the same model loads nothing); no prompt is generated until the result is computed.
+    Compute it with ``resources={"GPU": 1}`` on a cluster that also has workers without GPUs.
+
+    Parameters
+    ----------
+    prompts
+        A path or URL (Parquet, JSON Lines, CSV), or a pandas or Dask DataFrame with a
+        ``prompt`` or ``messages`` column.
+    model
+        Model directory or Hugging Face name; default from configuration.
+    client
+        The Dask client; default: the current one.
+    **sampling
+        Sampling settings: ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``,
+        ``stop``, ``ignore_eos``.
+
+    Examples
+    --------
+    >>> from distributed import Client
+    >>> client = Client(daskdp.RankedLocalCluster(ranks=2))  # doctest: +SKIP
+    >>> results = daskdp.generate("prompts.parquet", max_tokens=64)  # doctest: +SKIP
+    >>> results.head()  # doctest: +SKIP
+    """
+    import dask.dataframe as dd
+    import pandas as pd
+    from distributed import get_client
+
+    unknown = set(sampling) - {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"}
+    if unknown:
+        raise TypeError(f"generate() got unknown sampling settings: {', '.join(sorted(unknown))}")
+    overrides = {"model": model, **{f"sampling.{k.replace('_', '-')}": v for k, v in sampling.items()}}
+    settings = config.load(config_file, overrides)
+    input_settings = settings["input"]
+    if client is None:
+        try:
+            client = get_client()
+        except ValueError:
+            raise UserError(
+                "no Dask client; create one first, for example "
+                "client = distributed.Client(daskdp.RankedLocalCluster(ranks=1))"
+            ) from None
+
+    if isinstance(prompts, (str, os.PathLike)):
+        frame = io.read_prompts(os.fspath(prompts), input_settings).frame
+    elif isinstance(prompts, pd.DataFrame):
+        io.check_columns(prompts, "the DataFrame", input_settings)
+        frame = dd.from_pandas(prompts, npartitions=1, sort=False)
+    else:
+        io.check_columns(prompts._meta, "the DataFrame", input_settings)
+        frame = prompts
+    id_column = input_settings["id-column"]
+    if id_column not in frame.columns:
+        positions = frame.assign(**{id_column: 1})[id_column].cumsum() - 1
+        frame = frame.assign(**{id_column: positions})
+
+    model_path, engine_args = config.engine_arguments(settings, gpu_host=bool(visible_gpus()))
+    ensure_engines(client, EnginePlugin(model_path, engine_args), settings["cluster"]["startup-timeout"])
+    request = GenerationRequest(
+        sampling=settings["sampling"],
+        prompt_column=input_settings["prompt-column"],
+        messages_column=input_settings["messages-column"],
+        progress_interval=settings["run"]["progress-interval"],
+    )
+    return frame.map_partitions(generate_partition, request, meta=result_meta(frame._meta))
+

@@ -1,0 +1,112 @@
+"""The command line: a thin layer over :func:`daskdp.run`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from daskdp.errors import RunError, UserError
+
+EXAMPLES = """\
+examples:
+  daskdp run prompts.parquet
+  daskdp run prompts.jsonl -o results/ --workers 2 --max-tokens 64
+  daskdp run 's3://bucket/prompts/*.parquet' --model meta-llama/Llama-3.1-8B-Instruct
+  daskdp run prompts.parquet --scheduler-address tcp://10.0.0.5:8786
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(
+        prog="daskdp",
+        description="Offline LLM generation over many prompts on a Dask cluster of vLLM engines.",
+    )
+    commands = main.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = commands.add_parser(
+        "run",
+        help="generate for every row of a prompts file and write Parquet results",
+        description="Generate for every row of PROMPTS and write the results as a Parquet dataset.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("prompts", metavar="PROMPTS", help="Parquet file, directory or glob; .jsonl; .csv; any fsspec URL")
+    run.add_argument("-o", "--output", help="results directory (default: <input stem>.out beside the input)")
+    run.add_argument("--config", metavar="FILE", help="YAML file with a `daskdp:` section (see conf/default.yaml)")
+    run.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty output directory")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+
+    where = run.add_argument_group("model and cluster")
+    where.add_argument("--model", help="model directory or Hugging Face name (default: the embedded tiny model on CPU hosts)")
+    where.add_argument("--workers", type=int, metavar="N", help="ranks of the local cluster (default: one per GPU, or 1)")
+    where.add_argument("--tensor-parallel-size", type=int, metavar="K", help="GPUs per rank")
+    where.add_argument("--scheduler-address", metavar="ADDR", help="use a running Dask scheduler instead of a local cluster")
+    where.add_argument("--prompt-column", metavar="NAME", help="column holding the prompts (default: prompt)")
+
+    sampling = run.add_argument_group("sampling")
+    sampling.add_argument("--max-tokens", type=int, metavar="N")
+    sampling.add_argument("--temperature", type=float)
+    sampling.add_argument("--top-p", type=float)
+    sampling.add_argument("--top-k", type=int)
+    sampling.add_argument("--seed", type=int)
+    sampling.add_argument("--stop", action="append", metavar="TEXT", help="stop string; repeat for more")
+    sampling.add_argument("--ignore-eos", action="store_true", default=None, help="generate max-tokens even past EOS")
+
+    limits = run.add_argument_group("time limits")
+    limits.add_argument("--timeout", type=float, metavar="S", help="deadline for the whole run, in seconds")
+    limits.add_argument("--partition-timeout", type=float, metavar="S", help="limit for one partition, in seconds")
+    return main
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    """Configuration keys given on the command line."""
+    return {
+        "model": args.model,
+        "input.prompt-column": args.prompt_column,
+        "cluster.workers": args.workers,
+        "cluster.scheduler-address": args.scheduler_address,
+        "engine.tensor-parallel-size": args.tensor_parallel_size,
+        "sampling.max-tokens": args.max_tokens,
+        "sampling.temperature": args.temperature,
+        "sampling.top-p": args.top_p,
+        "sampling.top-k": args.top_k,
+        "sampling.seed": args.seed,
+        "sampling.stop": args.stop,
+        "sampling.ignore-eos": args.ignore_eos,
+        "run.timeout": args.timeout,
+        "run.partition-timeout": args.partition_timeout,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Dask's own INFO lines (workers starting and closing) are noise on a terminal.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    from daskdp.runner import format_summary, run
+
+    try:
+        summary = run(
+            args.prompts,
+            args.output,
+            config_file=args.config,
+            overrides=overrides(args),
+            overwrite=args.overwrite,
+            progress=None if args.quiet else sys.stderr,
+        )
+    except UserError as e:
+        print(f"daskdp: error: {e}", file=sys.stderr)
+        return 2
+    except RunError as e:
+        print(f"daskdp: run failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("daskdp: interrupted", file=sys.stderr)
+        return 130
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

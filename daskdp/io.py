@@ -1,0 +1,226 @@
+"""Read and check prompts, spread them over ranks, and write result shards atomically."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from daskdp.errors import UserError
+
+if TYPE_CHECKING:
+    import dask.dataframe as dd
+
+FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+}
+COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst"}
+SHARD_PATTERN = "part-{:05d}.parquet"
+SUMMARY_FILE = "_summary.json"
+
+
+def input_format(source: str, is_dir: bool) -> str:
+    """The format of ``source`` from its name: parquet, jsonl or csv."""
+    if is_dir:
+        return "parquet"
+    stem, suffix = posixpath.splitext(posixpath.basename(source.rstrip("/")).lower())
+    if suffix in COMPRESSIONS:
+        suffix = posixpath.splitext(stem)[1]
+    fmt = FORMATS.get(suffix)
+    if fmt is None:
+        raise UserError(
+            f"cannot tell the format of {source} from its name; "
+            "use .parquet (or a directory of them), .jsonl or .csv"
+        )
+    return fmt
+
+
+@dataclass
+class Prompts:
+    """Prompts read lazily from ``source``: a Dask DataFrame and where it came from."""
+
+    frame: dd.DataFrame
+    source: str
+    format: str
+
+    def row_counts(self) -> list[int]:
+        """Rows in each input partition, counted on the workers; refuses an empty input."""
+        try:
+            lengths = [int(n) for n in self.frame.map_partitions(len).compute()]
+        except Exception as e:
+            raise UserError(unreadable(self.source, self.format, e)) from None
+        if not sum(lengths):
+            raise UserError(f"{self.source} has no rows; there is nothing to generate")
+        return lengths
+
+
+def read_prompts(source: str, input_config: dict[str, Any]) -> Prompts:
+    """Read prompts lazily from Parquet, JSON Lines or CSV (a path, directory, glob or URL).
+
+    Only the schema is read here; it is checked for a prompt or messages column that can
+    hold text. Rows are read on the workers.
+    """
+    import dask.dataframe as dd
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(source)
+    matches = fs.glob(path) if fsspec.core.has_magic(path) else ([path] if fs.exists(path) else [])
+    if not matches:
+        raise UserError(f"input {source} does not exist; check the path")
+    fmt = input_format(source, len(matches) == 1 and fs.isdir(matches[0]))
+    try:
+        if fmt == "parquet":
+            df = dd.read_parquet(source)
+        elif fmt == "jsonl":
+            compressed = posixpath.splitext(source)[1].lower() in COMPRESSIONS
+            blocksize = None if compressed else 2**26
+            df = dd.read_json(source, lines=True, orient="records", blocksize=blocksize)
+        else:
+            prompt = input_config["prompt-column"]
+            df = dd.read_csv(source, blocksize="64MB", dtype={prompt: "object"}, assume_missing=True)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(unreadable(source, fmt, e)) from None
+    check_columns(df._meta, source, input_config)
+    return Prompts(df, source, fmt)
+
+
+def unreadable(source: str, fmt: str, error: BaseException) -> str:
+    """The one-line message for input that cannot be read as its name says."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    names = {"parquet": "Parquet", "jsonl": "JSON Lines", "csv": "CSV"}
+    return (
+        f"cannot read {source} as {names[fmt]} ({reason[:200]}); "
+        "check that the file is what its name says"
+    )
+
+
+def check_columns(meta: pd.DataFrame, source: str, input_config: dict[str, Any]) -> None:
+    prompt, messages = input_config["prompt-column"], input_config["messages-column"]
+    if prompt not in meta.columns and messages not in meta.columns:
+        columns = ", ".join(map(str, meta.columns)) or "none"
+        raise UserError(
+            f"{source} has no '{prompt}' or '{messages}' column (columns: {columns}); "
+            "name the prompt column with --prompt-column"
+        )
+    if prompt in meta.columns:
+        dtype = meta[prompt].dtype
+        if not (pd.api.types.is_string_dtype(dtype) or dtype == object):
+            raise UserError(
+                f"column '{prompt}' of {source} holds {dtype}, not text; "
+                "give a column of strings with --prompt-column"
+            )
+
+
+def balance(df: dd.DataFrame, lengths: list[int], parts: int, id_column: str) -> dd.DataFrame:
+    """Spread rows over ``parts`` partitions differing by at most one row.
+
+    The index becomes ``row``, each row's position in the input; without an ``id_column``
+    the position is also the row's id.
+    """
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
+    total = int(offsets[-1])
+    meta = df._meta.assign(row=np.int64(0))
+    positioned = df.map_partitions(_add_positions, offsets, meta=meta)
+    known = [int(offsets[i]) for i, n in enumerate(lengths) if n] + [total - 1]
+    nonempty = positioned.partitions[[i for i, n in enumerate(lengths) if n]]
+    indexed = nonempty.set_index("row", sorted=True, divisions=known)
+    if id_column not in indexed.columns:
+        indexed = indexed.assign(**{id_column: indexed.index})
+    parts = min(parts, total)
+    bounds = [total * i // parts for i in range(parts)] + [total - 1]
+    return indexed.repartition(divisions=bounds)
+
+
+def _add_positions(part: pd.DataFrame, offsets, partition_info=None) -> pd.DataFrame:
+    start = int(offsets[partition_info["number"]])
+    return part.assign(row=np.arange(start, start + len(part), dtype=np.int64))
+
+
+def default_output(source: str) -> str:
+    """``<input stem>.out`` beside the input; ``daskdp.out`` beside a glob's files."""
+    import fsspec
+
+    source = source.rstrip("/")
+    if fsspec.core.has_magic(source):
+        return posixpath.join(posixpath.dirname(source), "daskdp.out")
+    directory, name = posixpath.split(source)
+    stem = name
+    while posixpath.splitext(stem)[1].lower() in set(FORMATS) | COMPRESSIONS:
+        stem = posixpath.splitext(stem)[0]
+    return posixpath.join(directory, f"{stem}.out")
+
+
+def check_output(output: str, overwrite: bool) -> None:
+    """Refuse an output that is a file, or a non-empty directory unless ``overwrite``."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(output)
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise UserError(f"output {output} is a file, not a directory; choose another -o/--output")
+    entries = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    if entries and not overwrite:
+        raise UserError(
+            f"output directory {output} is not empty; pass --overwrite to replace its results "
+            "or choose another -o/--output"
+        )
+    foreign = [e for e in entries if not _is_daskdp_file(e)]
+    if foreign:
+        raise UserError(
+            f"output directory {output} holds files daskdp did not write ({', '.join(foreign[:3])}); "
+            "choose another -o/--output"
+        )
+
+
+def clear_output(output: str) -> None:
+    """Remove the results of an earlier run (``check_output`` allowed them)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(output)
+    if fs.exists(path):
+        for entry in fs.ls(path, detail=False):
+            fs.rm(entry)
+
+
+def _is_daskdp_file(name: str) -> bool:
+    return name == SUMMARY_FILE or (name.startswith("part-") and ".parquet" in name)
+
+
+def write_shard(frame: pd.DataFrame, output: str, partition: int) -> str:
+    """Write one partition's results as ``part-NNNNN.parquet``, atomically."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = fsspec.core.url_to_fs(output)
+    fs.makedirs(path, exist_ok=True)
+    final = posixpath.join(path, SHARD_PATTERN.format(partition))
+    temporary = f"{final}.tmp-{uuid.uuid4().hex}"
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    with fs.open(temporary, "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(temporary, final)
+    return final
+
+
+def write_summary(summary: dict[str, Any], output: str) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(output)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(posixpath.join(path, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+        f.write("\n")
