@@ -70,6 +70,7 @@ def read_prompts(source: str, input_config: dict[str, Any]) -> Prompts:
     Only the schema is read here; it is checked for a prompt or messages column that can
     hold text. Rows are read on the workers.
     """
+    import dask
     import dask.dataframe as dd
     import fsspec
 
@@ -79,21 +80,27 @@ def read_prompts(source: str, input_config: dict[str, Any]) -> Prompts:
         raise UserError(f"input {source} does not exist; check the path")
     fmt = input_format(source, len(matches) == 1 and fs.isdir(matches[0]))
     try:
-        if fmt == "parquet":
-            df = dd.read_parquet(source)
-        elif fmt == "jsonl":
-            compressed = posixpath.splitext(source)[1].lower() in COMPRESSIONS
-            blocksize = None if compressed else 2**26
-            df = dd.read_json(source, lines=True, orient="records", blocksize=blocksize)
-        else:
-            prompt = input_config["prompt-column"]
-            df = dd.read_csv(source, blocksize="64MB", dtype={prompt: "object"}, assume_missing=True)
+        # Dask's string conversion would turn chat messages (lists of dicts) into their repr.
+        with dask.config.set({"dataframe.convert-string": False}):
+            df = _read(source, fmt, input_config)
     except UserError:
         raise
     except Exception as e:
         raise UserError(unreadable(source, fmt, e)) from None
     check_columns(df._meta, source, input_config)
     return Prompts(df, source, fmt)
+
+
+def _read(source: str, fmt: str, input_config: dict[str, Any]) -> dd.DataFrame:
+    import dask.dataframe as dd
+
+    if fmt == "parquet":
+        return dd.read_parquet(source)
+    if fmt == "jsonl":
+        compressed = posixpath.splitext(source)[1].lower() in COMPRESSIONS
+        return dd.read_json(source, lines=True, orient="records", blocksize=None if compressed else 2**26)
+    prompt = input_config["prompt-column"]
+    return dd.read_csv(source, blocksize="64MB", dtype={prompt: "object"}, assume_missing=True)
 
 
 def unreadable(source: str, fmt: str, error: BaseException) -> str:

