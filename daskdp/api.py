@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from daskdp import config, io
 from daskdp.cluster import visible_gpus
 from daskdp.errors import UserError
-from daskdp.generate import GenerationRequest, generate_partition, result_meta
+from daskdp.generation import GenerationRequest, generate_partition, result_meta
 from daskdp.plugin import EnginePlugin, ensure_engines
 
 if TYPE_CHECKING:

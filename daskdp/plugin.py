@@ -66,6 +66,7 @@ class Engine:
         self.engine_args = engine_args
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="daskdp-engine")
         self.llm: LLM | None = None
+        self.calls = 0  # batches generated, for diagnostics
 
     def load(self) -> None:
         from vllm import LLM
@@ -74,6 +75,7 @@ class Engine:
 
     def call(self, func: Callable[..., T], *args: Any) -> T:
         """Run ``func(llm, *args)`` on the engine's thread and return its result."""
+        self.calls += 1
         return self._thread.submit(func, self.llm, *args).result()
 
     def close(self) -> None:
@@ -82,6 +84,8 @@ class Engine:
 
     def _free(self) -> None:
         self.llm = None
+        # vLLM freezes the objects alive after its start; frozen cycles are never collected.
+        gc.unfreeze()
         gc.collect()
         try:
             import torch

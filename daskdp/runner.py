@@ -16,7 +16,7 @@ import pandas as pd
 from daskdp import config, io
 from daskdp.cluster import GPU, connect, visible_gpus
 from daskdp.errors import PartitionTimeout, RunError, UserError
-from daskdp.generate import PROGRESS_TOPIC, GenerationRequest, generate_and_write, summary_meta
+from daskdp.generation import PROGRESS_TOPIC, GenerationRequest, generate_and_write, summary_meta
 from daskdp.plugin import EnginePlugin, ensure_engines
 
 if TYPE_CHECKING:

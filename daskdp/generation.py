@@ -84,8 +84,8 @@ def generate_partition(
     partition = partition_info["number"] if partition_info else -1
     report = ProgressReporter(worker, request, partition, rank, len(part))
     columns = engine.call(_generate, part, request, report, rank, partition)
-    results = part.assign(**columns, rank=rank, worker=worker.address)
-    return results.astype({name: RESULT_DTYPES[name] for name in RESULT_DTYPES})
+    columns.update(rank=np.full(len(part), rank), worker=np.full(len(part), worker.address, dtype=object))
+    return part.assign(**{name: pd.array(columns[name], dtype=dtype) for name, dtype in RESULT_DTYPES.items()})
 
 
 def generate_and_write(
@@ -240,7 +240,7 @@ def _sampling_params(part: pd.DataFrame, request: GenerationRequest, errors: np.
         key = tuple(None if _is_missing(v[i]) else v[i] for v in values)
         if key not in cache:
             try:
-                cache[key] = SamplingParams(**base, **_row_overrides(overrides, key))
+                cache[key] = SamplingParams(**{**base, **_row_overrides(overrides, key)})
             except (TypeError, ValueError) as e:
                 cache[key] = f"bad sampling value: {_first_line(e)}"
         if isinstance(cache[key], str):
