@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     from daskdp.runner import format_summary, run
 
+    # A worker process that takes a few seconds to exit is killed at shutdown; that is no news.
+    logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
+
     try:
         summary = run(
             args.prompts,

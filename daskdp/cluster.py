@@ -33,10 +33,11 @@ def visible_gpus() -> list[str]:
 def rank_environments(ranks: int, tensor_parallel_size: int) -> list[dict[str, str]]:
     """Launch environment of each rank: its own GPUs, or on a CPU host its own cores."""
     # vLLM's INFO and WARNING lines and its load bars from every rank drown the progress display.
-    common = {
-        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
-        "TQDM_DISABLE": os.environ.get("TQDM_DISABLE", "1"),
+    quiet = {
+        "VLLM_LOGGING_LEVEL": "ERROR",
+        "TORCH_CPP_LOG_LEVEL": "ERROR",
     }
+    common = {key: os.environ.get(key, value) for key, value in quiet.items()}
     gpus = visible_gpus()
     if gpus:
         needed = ranks * tensor_parallel_size

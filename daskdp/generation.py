@@ -40,6 +40,7 @@ SUMMARY_DTYPES = {
     "error_rows": "int64",
     "prompt_tokens": "int64",
     "output_tokens": "int64",
+    "timed_out_rows": "int64",
     "started": "float64",
     "finished": "float64",
 }
@@ -91,23 +92,27 @@ def generate_partition(
 def generate_and_write(
     part: pd.DataFrame, request: GenerationRequest, output: str, partition_info: dict | None = None
 ) -> pd.DataFrame:
-    """Generate one partition and write it as its own shard; return a one-row summary."""
+    """Generate one partition and write it as its own shard; return a one-row summary.
+
+    A partition that times out writes nothing; its summary counts the rows left unfinished.
+    """
     started = time.time()
-    results = generate_partition(part, request, partition_info)
     partition = partition_info["number"] if partition_info else 0
-    path = write_shard(results, output, partition)
-    summary = {
-        "partition": partition,
-        "rank": int(results["rank"].iloc[0]) if len(results) else -1,
-        "worker": str(results["worker"].iloc[0]) if len(results) else "",
-        "path": path,
-        "rows": len(results),
-        "error_rows": int(results["error"].notna().sum()),
-        "prompt_tokens": int(results["prompt_tokens"].sum()),
-        "output_tokens": int(results["output_tokens"].sum()),
-        "started": started,
-        "finished": time.time(),
-    }
+    summary = dict.fromkeys(SUMMARY_DTYPES, 0) | {"partition": partition, "rows": len(part), "started": started}
+    try:
+        results = generate_partition(part, request, partition_info)
+    except PartitionTimeout as timeout:
+        summary.update(rank=timeout.rank, timed_out_rows=timeout.unfinished, worker="", path="")
+    else:
+        summary.update(
+            rank=int(results["rank"].iloc[0]) if len(results) else -1,
+            worker=str(results["worker"].iloc[0]) if len(results) else "",
+            path=write_shard(results, output, partition),
+            error_rows=int(results["error"].notna().sum()),
+            prompt_tokens=int(results["prompt_tokens"].sum()),
+            output_tokens=int(results["output_tokens"].sum()),
+        )
+    summary["finished"] = time.time()
     return pd.DataFrame([summary]).astype(SUMMARY_DTYPES)
 
 

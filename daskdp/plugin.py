@@ -14,11 +14,13 @@ import json
 import logging
 import os
 import socket
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from distributed import WorkerPlugin, get_worker
+from distributed.core import Status
 
 from daskdp.cluster import GPU
 from daskdp.errors import RunError, UserError
@@ -69,9 +71,13 @@ class Engine:
         self.calls = 0  # batches generated, for diagnostics
 
     def load(self) -> None:
-        from vllm import LLM
+        # Some of vLLM's import-time messages come before it configures its logger.
+        logging.getLogger("vllm").setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            from vllm import LLM
 
-        self.llm = LLM(model=self.model, **self.engine_args)
+            self.llm = LLM(model=self.model, **self.engine_args)
 
     def call(self, func: Callable[..., T], *args: Any) -> T:
         """Run ``func(llm, *args)`` on the engine's thread and return its result."""
@@ -139,9 +145,10 @@ class EnginePlugin(WorkerPlugin):
         self.engine = engine
 
     async def teardown(self, worker: Worker) -> None:
-        if self.engine is not None:
-            engine, self.engine = self.engine, None
-            await asyncio.get_running_loop().run_in_executor(None, engine.close)
+        engine, self.engine = self.engine, None
+        if engine is None or worker.status in (Status.closing, Status.closing_gracefully, Status.closed):
+            return  # a closing worker's process ends; freeing the engine first only delays it
+        await asyncio.get_running_loop().run_in_executor(None, engine.close)
 
 
 def engine_fingerprint(model: str, engine_args: dict[str, Any]) -> str:

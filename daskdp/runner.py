@@ -163,7 +163,7 @@ class Monitor:
                 except TimeoutError:
                     done = set()
                 for future in done:
-                    summaries.append(self.result(future, futures[future]))
+                    summaries.append(self.result(future, futures[future], partition_timeout))
                 self.check_time(pending, futures, partition_timeout, deadline)
                 self.show()
         except BaseException:
@@ -175,14 +175,16 @@ class Monitor:
                 self.bar.close()
         return pd.concat(summaries, ignore_index=True).sort_values("partition")
 
-    def result(self, future: Future, partition: int) -> pd.DataFrame:
+    def result(self, future: Future, partition: int, partition_timeout: float | None) -> pd.DataFrame:
         if future.status == "error":
             error = future.exception()
-            if isinstance(error, PartitionTimeout):
-                raise RunError(str(error))
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise RunError(f"partition {partition} failed: {reason}")
-        return future.result()
+        summary = future.result()
+        (timed_out,) = summary["timed_out_rows"]
+        if timed_out:
+            raise RunError(str(PartitionTimeout(summary["rank"].iloc[0], partition, partition_timeout, timed_out)))
+        return summary
 
     def check_time(self, pending, futures, partition_timeout, deadline) -> None:
         now = time.monotonic()

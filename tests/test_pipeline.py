@@ -145,3 +145,26 @@ def test_import_and_help_do_not_load_the_engine():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "--scheduler-address" in done.stdout and "--ignore-eos" in done.stdout
+
+
+def test_partition_timeout_stops_the_run(tmp_path):
+    """A partition that runs past --partition-timeout ends the run with rank, partition and time."""
+    source = tmp_path / "long.parquet"
+    pd.DataFrame({"prompt": [f"Tell a long story number {i}." for i in range(200)]}).to_parquet(source)
+    done = daskdp_cli(
+        "run", source, "--max-tokens", 1500, "--ignore-eos", "--partition-timeout", 2, "--quiet", timeout=300
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("daskdp: run failed: partition 0 on rank 0 timed out after 2 s"), last
+    assert "Traceback" not in done.stderr
+
+
+def test_run_deadline_stops_the_run(tmp_path):
+    """--timeout bounds the whole run; the message names what was unfinished and where."""
+    source = tmp_path / "long.parquet"
+    pd.DataFrame({"prompt": [f"Tell a long story number {i}." for i in range(200)]}).to_parquet(source)
+    done = daskdp_cli("run", source, "--max-tokens", 1500, "--ignore-eos", "--timeout", 20, "--quiet", timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "passed its --timeout" in last and "partition 0 on rank 0" in last, last
