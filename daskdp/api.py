@@ -92,4 +92,3 @@ def generate(
         progress_interval=settings["run"]["progress-interval"],
     )
     return frame.map_partitions(generate_partition, request, meta=result_meta(frame._meta))
-

@@ -31,17 +31,29 @@ def parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("prompts", metavar="PROMPTS", help="Parquet file, directory or glob; .jsonl; .csv; any fsspec URL")
+    run.add_argument(
+        "prompts", metavar="PROMPTS", help="Parquet file, directory or glob; .jsonl; .csv; any fsspec URL"
+    )
     run.add_argument("-o", "--output", help="results directory (default: <input stem>.out beside the input)")
-    run.add_argument("--config", metavar="FILE", help="YAML file with a `daskdp:` section (see conf/default.yaml)")
-    run.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty output directory")
+    run.add_argument(
+        "--config", metavar="FILE", help="YAML file with a `daskdp:` section (see conf/default.yaml)"
+    )
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace the results in a non-empty output directory"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress display")
 
     where = run.add_argument_group("model and cluster")
-    where.add_argument("--model", help="model directory or Hugging Face name (default: the embedded tiny model on CPU hosts)")
-    where.add_argument("--workers", type=int, metavar="N", help="ranks of the local cluster (default: one per GPU, or 1)")
+    where.add_argument(
+        "--model", help="model directory or Hugging Face name (default: the embedded tiny model on CPU hosts)"
+    )
+    where.add_argument(
+        "--workers", type=int, metavar="N", help="ranks of the local cluster (default: one per GPU, or 1)"
+    )
     where.add_argument("--tensor-parallel-size", type=int, metavar="K", help="GPUs per rank")
-    where.add_argument("--scheduler-address", metavar="ADDR", help="use a running Dask scheduler instead of a local cluster")
+    where.add_argument(
+        "--scheduler-address", metavar="ADDR", help="use a running Dask scheduler instead of a local cluster"
+    )
     where.add_argument("--prompt-column", metavar="NAME", help="column holding the prompts (default: prompt)")
 
     sampling = run.add_argument_group("sampling")
@@ -51,11 +63,15 @@ def parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-k", type=int)
     sampling.add_argument("--seed", type=int)
     sampling.add_argument("--stop", action="append", metavar="TEXT", help="stop string; repeat for more")
-    sampling.add_argument("--ignore-eos", action="store_true", default=None, help="generate max-tokens even past EOS")
+    sampling.add_argument(
+        "--ignore-eos", action="store_true", default=None, help="generate max-tokens even past EOS"
+    )
 
     limits = run.add_argument_group("time limits")
     limits.add_argument("--timeout", type=float, metavar="S", help="deadline for the whole run, in seconds")
-    limits.add_argument("--partition-timeout", type=float, metavar="S", help="limit for one partition, in seconds")
+    limits.add_argument(
+        "--partition-timeout", type=float, metavar="S", help="limit for one partition, in seconds"
+    )
     return main
 
 

@@ -47,7 +47,12 @@ def rank_environments(ranks: int, tensor_parallel_size: int) -> list[dict[str, s
                 f"but this host has {len(gpus)}; pass --workers {len(gpus) // tensor_parallel_size}"
             )
         return [
-            {**common, "CUDA_VISIBLE_DEVICES": ",".join(gpus[i * tensor_parallel_size : (i + 1) * tensor_parallel_size])}
+            {
+                **common,
+                "CUDA_VISIBLE_DEVICES": ",".join(
+                    gpus[i * tensor_parallel_size : (i + 1) * tensor_parallel_size]
+                ),
+            }
             for i in range(ranks)
         ]
     cores = sorted(os.sched_getaffinity(0))

@@ -67,8 +67,7 @@ def _read_file(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"config file {path} is not valid YAML{where}; fix the file") from None
     if not isinstance(content, dict) or "daskdp" not in content:
         raise UserError(
-            f"config file {path} has no top-level `daskdp:` key; "
-            "see conf/default.yaml for the layout"
+            f"config file {path} has no top-level `daskdp:` key; see conf/default.yaml for the layout"
         )
     return content
 

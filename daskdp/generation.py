@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -86,7 +87,9 @@ def generate_partition(
     report = ProgressReporter(worker, request, partition, rank, len(part))
     columns = engine.call(_generate, part, request, report, rank, partition)
     columns.update(rank=np.full(len(part), rank), worker=np.full(len(part), worker.address, dtype=object))
-    return part.assign(**{name: pd.array(columns[name], dtype=dtype) for name, dtype in RESULT_DTYPES.items()})
+    return part.assign(
+        **{name: pd.array(columns[name], dtype=dtype) for name, dtype in RESULT_DTYPES.items()}
+    )
 
 
 def generate_and_write(
@@ -98,7 +101,11 @@ def generate_and_write(
     """
     started = time.time()
     partition = partition_info["number"] if partition_info else 0
-    summary = dict.fromkeys(SUMMARY_DTYPES, 0) | {"partition": partition, "rows": len(part), "started": started}
+    summary = dict.fromkeys(SUMMARY_DTYPES, 0) | {
+        "partition": partition,
+        "rows": len(part),
+        "started": started,
+    }
     try:
         results = generate_partition(part, request, partition_info)
     except PartitionTimeout as timeout:
@@ -192,12 +199,13 @@ def _tokenize(llm: LLM, part: pd.DataFrame, request: GenerationRequest, errors: 
     """Token ids of every row's prompt (chat messages rendered first); errors where it cannot."""
     tokenizer = llm.get_tokenizer()
     max_model_len = llm.llm_engine.model_config.max_model_len
-    prompts = part[request.prompt_column] if request.prompt_column in part else None
-    messages = part[request.messages_column] if request.messages_column in part else None
+    nothing = np.full(len(part), None, dtype=object)
+    prompts = part[request.prompt_column].to_numpy(dtype=object) if request.prompt_column in part else nothing
+    messages = part[request.messages_column].to_numpy(dtype=object) if request.messages_column in part else nothing
     plain: dict[int, str] = {}
     chat: dict[int, str] = {}
     for i in range(len(part)):
-        conversation = messages.iat[i] if messages is not None else None
+        conversation = messages[i]
         if not _is_missing(conversation):
             try:
                 chat[i] = tokenizer.apply_chat_template(
@@ -206,7 +214,7 @@ def _tokenize(llm: LLM, part: pd.DataFrame, request: GenerationRequest, errors: 
             except Exception as e:
                 errors[i] = f"messages cannot be rendered: {_first_line(e)}"
             continue
-        prompt = prompts.iat[i] if prompts is not None else None
+        prompt = prompts[i]
         if _is_missing(prompt):
             errors[i] = "prompt is null"
         elif not isinstance(prompt, str):
@@ -219,13 +227,11 @@ def _tokenize(llm: LLM, part: pd.DataFrame, request: GenerationRequest, errors: 
     for texts, special in ((plain, True), (chat, False)):
         if texts:
             encoded = tokenizer(list(texts.values()), add_special_tokens=special)["input_ids"]
-            for i, ids in zip(texts, encoded):
+            for i, ids in zip(texts, encoded, strict=True):
                 token_ids[i] = list(ids)
     for i, ids in enumerate(token_ids):
         if ids is not None and len(ids) >= max_model_len:
-            errors[i] = (
-                f"prompt has {len(ids)} tokens, more than max_model_len {max_model_len} allows"
-            )
+            errors[i] = f"prompt has {len(ids)} tokens, too long for max_model_len {max_model_len}"
     return token_ids
 
 
@@ -257,7 +263,7 @@ def _sampling_params(part: pd.DataFrame, request: GenerationRequest, errors: np.
 
 def _row_overrides(columns: list[str], values: tuple) -> dict[str, Any]:
     overrides = {}
-    for column, value in zip(columns, values):
+    for column, value in zip(columns, values, strict=True):
         if value is None:
             continue
         if column in ("max_tokens", "seed"):
@@ -280,11 +286,11 @@ def _enqueue(llm: LLM, rows: list[int], token_ids: list, params: list, errors: n
     prompts = [{"prompt_token_ids": token_ids[i]} for i in rows]
     try:
         request_ids = llm.enqueue(prompts, [params[i] for i in rows], use_tqdm=False)
-        return {_output_id(request_id): i for request_id, i in zip(request_ids, rows)}
+        return {_output_id(request_id): i for request_id, i in zip(request_ids, rows, strict=True)}
     except Exception:
         pass
     pending = {}
-    for i, prompt in zip(rows, prompts):
+    for i, prompt in zip(rows, prompts, strict=True):
         try:
             (request_id,) = llm.enqueue([prompt], [params[i]], use_tqdm=False)
         except Exception as e:

@@ -71,7 +71,6 @@ def read_prompts(source: str, input_config: dict[str, Any]) -> Prompts:
     hold text. Rows are read on the workers.
     """
     import dask
-    import dask.dataframe as dd
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(source)
@@ -107,10 +106,7 @@ def unreadable(source: str, fmt: str, error: BaseException) -> str:
     """The one-line message for input that cannot be read as its name says."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     names = {"parquet": "Parquet", "jsonl": "JSON Lines", "csv": "CSV"}
-    return (
-        f"cannot read {source} as {names[fmt]} ({reason[:200]}); "
-        "check that the file is what its name says"
-    )
+    return f"cannot read {source} as {names[fmt]} ({reason[:200]}); check that the file is what its name says"
 
 
 def check_columns(meta: pd.DataFrame, source: str, input_config: dict[str, Any]) -> None:
@@ -123,7 +119,7 @@ def check_columns(meta: pd.DataFrame, source: str, input_config: dict[str, Any])
         )
     if prompt in meta.columns:
         dtype = meta[prompt].dtype
-        if not (pd.api.types.is_string_dtype(dtype) or dtype == object):
+        if not (pd.api.types.is_string_dtype(dtype) or pd.api.types.is_object_dtype(dtype)):
             raise UserError(
                 f"column '{prompt}' of {source} holds {dtype}, not text; "
                 "give a column of strings with --prompt-column"

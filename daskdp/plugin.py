@@ -15,9 +15,10 @@ import logging
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from distributed import WorkerPlugin, get_worker
 from distributed.core import Status

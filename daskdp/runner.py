@@ -87,7 +87,9 @@ def run(
             lengths = prompts.row_counts()
             ranks = loading.result()
         io.clear_output(output)
-        balanced = client.persist(io.balance(prompts.frame, lengths, len(ranks), settings["input"]["id-column"]))
+        balanced = client.persist(
+            io.balance(prompts.frame, lengths, len(ranks), settings["input"]["id-column"])
+        )
         results = balanced.map_partitions(generate_and_write, request, output, meta=summary_meta())
         monitor = Monitor(client, request.run_id, sum(lengths), progress)
         partitions = monitor.wait(
@@ -165,7 +167,7 @@ class Monitor:
                 for future in done:
                     summaries.append(self.result(future, futures[future], partition_timeout))
                 self.check_time(pending, futures, partition_timeout, deadline)
-                self.show()
+                self.show(final=not pending)
         except BaseException:
             self.client.cancel(list(pending))
             raise
@@ -183,7 +185,9 @@ class Monitor:
         summary = future.result()
         (timed_out,) = summary["timed_out_rows"]
         if timed_out:
-            raise RunError(str(PartitionTimeout(summary["rank"].iloc[0], partition, partition_timeout, timed_out)))
+            raise RunError(
+                str(PartitionTimeout(summary["rank"].iloc[0], partition, partition_timeout, timed_out))
+            )
         return summary
 
     def check_time(self, pending, futures, partition_timeout, deadline) -> None:
@@ -202,22 +206,26 @@ class Monitor:
                     )
         if deadline is not None and time.time() > deadline and unfinished:
             where = ", ".join(
-                f"partition {i} on rank {running[i]['rank']}" if i in running else f"partition {i} (not started)"
+                f"partition {i} on rank {running[i]['rank']}"
+                if i in running
+                else f"partition {i} (not started)"
                 for i in unfinished
             )
             raise RunError(
                 f"the run passed its --timeout after {now - self.started:.0f} s; unfinished: {where}"
             )
 
-    def show(self) -> None:
+    def show(self, final: bool = False) -> None:
         with self.lock:
             done = sum(state.get("done", 0) for state in self.partitions.values())
             tokens = sum(state.get("output_tokens", 0) for state in self.partitions.values())
+        if final:
+            done = self.total_rows  # the last events may still be on their way
         elapsed = max(time.monotonic() - self.started, 1e-9)
         if self.bar is not None:
             self.bar.n = done
             self.bar.set_postfix_str(f"{tokens / elapsed:,.0f} out tok/s", refresh=True)
-        elif self.stream is not None and time.monotonic() - self.last_line >= 10:
+        elif self.stream is not None and (final or time.monotonic() - self.last_line >= 10):
             self.last_line = time.monotonic()
             print(
                 f"{done:,}/{self.total_rows:,} rows, {tokens / elapsed:,.0f} output tokens/s",
