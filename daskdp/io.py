@@ -97,13 +97,17 @@ def _read(source: str, fmt: str, input_config: dict[str, Any]) -> dd.DataFrame:
         return dd.read_parquet(source)
     if fmt == "jsonl":
         compressed = posixpath.splitext(source)[1].lower() in COMPRESSIONS
-        return dd.read_json(source, lines=True, orient="records", blocksize=None if compressed else 2**26)
+        blocksize = None if compressed else 2**26
+        # dtype=False: JSON strings that look like numbers ("007") stay strings.
+        return dd.read_json(source, lines=True, orient="records", blocksize=blocksize, dtype=False)
     prompt = input_config["prompt-column"]
     return dd.read_csv(source, blocksize="64MB", dtype={prompt: "object"}, assume_missing=True)
 
 
 def unreadable(source: str, fmt: str, error: BaseException) -> str:
     """The one-line message for input that cannot be read as its name says."""
+    while error.__cause__ is not None:  # Dask wraps the reader's own error
+        error = error.__cause__
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     names = {"parquet": "Parquet", "jsonl": "JSON Lines", "csv": "CSV"}
     return f"cannot read {source} as {names[fmt]} ({reason[:200]}); check that the file is what its name says"
@@ -111,6 +115,8 @@ def unreadable(source: str, fmt: str, error: BaseException) -> str:
 
 def check_columns(meta: pd.DataFrame, source: str, input_config: dict[str, Any]) -> None:
     prompt, messages = input_config["prompt-column"], input_config["messages-column"]
+    if len(meta.columns) == 0:
+        raise UserError(f"{source} is empty (no rows, no columns); there is nothing to generate")
     if prompt not in meta.columns and messages not in meta.columns:
         columns = ", ".join(map(str, meta.columns)) or "none"
         raise UserError(
@@ -212,11 +218,28 @@ def write_shard(frame: pd.DataFrame, output: str, partition: int) -> str:
     fs.makedirs(path, exist_ok=True)
     final = posixpath.join(path, SHARD_PATTERN.format(partition))
     temporary = f"{final}.tmp-{uuid.uuid4().hex}"
-    table = pa.Table.from_pandas(frame, preserve_index=False)
+    try:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        table = pa.Table.from_pandas(_storable(frame), preserve_index=False)
     with fs.open(temporary, "wb") as f:
         pq.write_table(table, f)
     fs.mv(temporary, final)
     return final
+
+
+def _storable(frame: pd.DataFrame) -> pd.DataFrame:
+    """Object columns that mix types (a number among prompts) as strings, nulls kept."""
+    import pyarrow as pa
+
+    columns = {}
+    for name in frame.columns:
+        if pd.api.types.is_object_dtype(frame[name].dtype):
+            try:
+                pa.array(frame[name], from_pandas=True)
+            except (pa.ArrowTypeError, pa.ArrowInvalid):
+                columns[name] = frame[name].map(str, na_action="ignore").astype("string")
+    return frame.assign(**columns)
 
 
 def write_summary(summary: dict[str, Any], output: str) -> None:

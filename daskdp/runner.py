@@ -17,7 +17,7 @@ from daskdp import config, io
 from daskdp.cluster import GPU, connect, visible_gpus
 from daskdp.errors import PartitionTimeout, RunError, UserError
 from daskdp.generation import PROGRESS_TOPIC, GenerationRequest, generate_and_write, summary_meta
-from daskdp.plugin import EnginePlugin, ensure_engines
+from daskdp.plugin import PLUGIN_NAME, EnginePlugin, ensure_engines
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
@@ -77,19 +77,26 @@ def run(
     started = time.time()
     tensor_parallel_size = int(engine_args.get("tensor_parallel_size", 1))
     client, cluster = connect(settings["cluster"], tensor_parallel_size)
+    registering = False
     try:
         if progress is not None and client.dashboard_link:
             print(f"Dask dashboard: {client.dashboard_link}", file=progress)
-        plugin = EnginePlugin(model, engine_args)
-        # Engines load on the workers while the input is read and counted there.
-        with ThreadPoolExecutor(1, thread_name_prefix="daskdp-load") as loader:
-            loading = loader.submit(ensure_engines, client, plugin, settings["cluster"]["startup-timeout"])
-            lengths = prompts.row_counts()
-            ranks = loading.result()
+        lengths = prompts.row_counts()  # an unreadable or empty input fails before any engine loads
         io.clear_output(output)
-        balanced = client.persist(
-            io.balance(prompts.frame, lengths, len(ranks), settings["input"]["id-column"])
-        )
+        # The engines load on the workers while they read the input and split it over the ranks.
+        id_column = settings["input"]["id-column"]
+        registering = True
+        loader = ThreadPoolExecutor(1, thread_name_prefix="daskdp-load")
+        try:
+            plugin = EnginePlugin(model, engine_args)
+            loading = loader.submit(ensure_engines, client, plugin, settings["cluster"]["startup-timeout"])
+            planned = max(1, len(gpu_workers(client)))
+            balanced = client.persist(io.balance(prompts.frame, lengths, planned, id_column))
+            ranks = loading.result()
+        finally:
+            loader.shutdown(wait=False)
+        if len(ranks) != planned:  # workers joined or left while the engines loaded
+            balanced = io.balance(prompts.frame, lengths, len(ranks), id_column)
         results = balanced.map_partitions(generate_and_write, request, output, meta=summary_meta())
         monitor = Monitor(client, request.run_id, sum(lengths), progress)
         partitions = monitor.wait(
@@ -98,12 +105,21 @@ def run(
             deadline=started + settings["run"]["timeout"] if settings["run"]["timeout"] else None,
         )
     finally:
+        if cluster is not None and registering:
+            # Free the engines before the workers stop: a worker still holding one takes
+            # longer to exit than its nanny waits, and is killed.
+            client.unregister_worker_plugin(PLUGIN_NAME)
         client.close()
         if cluster is not None:
             cluster.close()
     summary = summarize(partitions, source, output, model, settings, started)
     io.write_summary(summary, output)
     return summary
+
+
+def gpu_workers(client: Client) -> list[str]:
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return [address for address, info in workers.items() if info.get("resources", {}).get(GPU)]
 
 
 def check_model(model: str) -> None:
@@ -137,7 +153,7 @@ class Monitor:
         self.lock = threading.Lock()
         self.partitions: dict[int, dict[str, Any]] = {}
         self.started = time.monotonic()
-        self.last_line = 0.0
+        self.last_line = self.started
         self.bar = None
         if stream is not None and stream.isatty():
             from tqdm import tqdm

@@ -45,7 +45,12 @@ if spec["messages"]:
 print("ORACLE" + json.dumps(out))
 """
 
-TINY_ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 2048, "kv_cache_memory_bytes": 1 << 28}
+TINY_ENGINE = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "max_model_len": 2048,
+    "kv_cache_memory_bytes": 1 << 28,
+}
 
 
 def plain_vllm(prompts=(), messages=(), **sampling) -> dict[str, list]:
@@ -59,7 +64,12 @@ def plain_vllm(prompts=(), messages=(), **sampling) -> dict[str, list]:
     }
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TQDM_DISABLE": "1"}
     done = subprocess.run(
-        [sys.executable, "-c", ORACLE], input=json.dumps(spec), capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-c", ORACLE],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("ORACLE"))

@@ -8,7 +8,6 @@ import sys
 
 import pandas as pd
 import pytest
-
 from conftest import PARITY_PROMPTS, daskdp_cli, plain_vllm, read_results
 
 GREEDY = {"temperature": 0.0, "max_tokens": 24}
@@ -125,7 +124,15 @@ def test_input_formats_give_the_same_results(tmp_path, cluster, oracle, fmt):
         frame.to_csv(source, index=False)
     out = tmp_path / "out"
     done = daskdp_cli(
-        "run", source, "-o", out, "--scheduler-address", client.scheduler.address, "--max-tokens", 24, "--quiet"
+        "run",
+        source,
+        "-o",
+        out,
+        "--scheduler-address",
+        client.scheduler.address,
+        "--max-tokens",
+        24,
+        "--quiet",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = read_results(out).sort_values("id", key=lambda ids: ids.str[1:].astype(int))
@@ -164,7 +171,9 @@ def test_run_deadline_stops_the_run(tmp_path):
     """--timeout bounds the whole run; the message names what was unfinished and where."""
     source = tmp_path / "long.parquet"
     pd.DataFrame({"prompt": [f"Tell a long story number {i}." for i in range(200)]}).to_parquet(source)
-    done = daskdp_cli("run", source, "--max-tokens", 1500, "--ignore-eos", "--timeout", 20, "--quiet", timeout=300)
+    done = daskdp_cli(
+        "run", source, "--max-tokens", 1500, "--ignore-eos", "--timeout", 20, "--quiet", timeout=300
+    )
     assert done.returncode == 1, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert "passed its --timeout" in last and "partition 0 on rank 0" in last, last

@@ -11,10 +11,10 @@ import time
 import cloudpickle
 import pandas as pd
 import pytest
+from conftest import PARITY_PROMPTS, read_results
 from distributed import Client
 
 import daskdp
-from conftest import PARITY_PROMPTS, read_results
 from daskdp import config
 from daskdp.cluster import RankedLocalCluster
 from daskdp.generation import GenerationRequest, generate_partition
@@ -129,7 +129,9 @@ def test_task_on_a_worker_without_engine_says_what_to_do(mixed_cluster):
     calls = client.run(engine_calls)
     cpu_worker = next(address for address, n in calls.items() if n is None)
     request = GenerationRequest(sampling=config.load()["sampling"])
-    future = client.submit(generate_partition, pd.DataFrame({"prompt": ["hi"]}), request, workers=[cpu_worker])
+    future = client.submit(
+        generate_partition, pd.DataFrame({"prompt": ["hi"]}), request, workers=[cpu_worker]
+    )
     with pytest.raises(RuntimeError, match="no GPU resource.*resources="):
         future.result(timeout=60)
 
