@@ -90,17 +90,19 @@ class RankedLocalCluster(LocalCluster):
         **kwargs: Any,
     ):
         self.rank_environments = rank_environments(ranks, tensor_parallel_size)
-        super().__init__(
-            n_workers=0,
-            threads_per_worker=1,
-            processes=True,
-            host=host,
-            dashboard_address=dashboard_address,
-            resources={GPU: tensor_parallel_size},
-            **kwargs,
-        )
-        self.scale(ranks)
-        self.sync(self._correct_state)
+        # vLLM spawns its tensor-parallel workers: a worker process must be able to have children.
+        with dask.config.set({"distributed.worker.daemon": tensor_parallel_size == 1}):
+            super().__init__(
+                n_workers=0,
+                threads_per_worker=1,
+                processes=True,
+                host=host,
+                dashboard_address=dashboard_address,
+                resources={GPU: tensor_parallel_size},
+                **kwargs,
+            )
+            self.scale(ranks)
+            self.sync(self._correct_state)
 
     def new_worker_spec(self):
         rank = min(set(range(len(self.rank_environments))) - set(self.worker_spec), default=None)
@@ -132,12 +134,10 @@ def connect(cluster_config: dict[str, Any], tensor_parallel_size: int) -> tuple[
     ranks = cluster_config["workers"] or default_ranks(tensor_parallel_size)
     if int(ranks) < 1:
         raise UserError(f"--workers must be at least 1, got {ranks}")
-    # vLLM spawns its tensor-parallel workers: the Dask worker must be able to have children.
-    with dask.config.set({"distributed.worker.daemon": tensor_parallel_size == 1}):
-        cluster = RankedLocalCluster(
-            ranks=int(ranks),
-            tensor_parallel_size=tensor_parallel_size,
-            host=cluster_config["host"],
-            dashboard_address=cluster_config["dashboard-address"],
-        )
+    cluster = RankedLocalCluster(
+        ranks=int(ranks),
+        tensor_parallel_size=tensor_parallel_size,
+        host=cluster_config["host"],
+        dashboard_address=cluster_config["dashboard-address"],
+    )
     return Client(cluster), cluster

@@ -201,7 +201,9 @@ def _tokenize(llm: LLM, part: pd.DataFrame, request: GenerationRequest, errors: 
     max_model_len = llm.llm_engine.model_config.max_model_len
     nothing = np.full(len(part), None, dtype=object)
     prompts = part[request.prompt_column].to_numpy(dtype=object) if request.prompt_column in part else nothing
-    messages = part[request.messages_column].to_numpy(dtype=object) if request.messages_column in part else nothing
+    messages = (
+        part[request.messages_column].to_numpy(dtype=object) if request.messages_column in part else nothing
+    )
     plain: dict[int, str] = {}
     chat: dict[int, str] = {}
     for i in range(len(part)):

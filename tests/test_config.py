@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import REPO
 
+from conftest import REPO
 from daskdp import config
 from daskdp.errors import UserError
 

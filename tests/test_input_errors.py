@@ -12,6 +12,7 @@ import re
 
 import pandas as pd
 import pytest
+
 from conftest import daskdp_cli, read_results
 
 pytestmark = pytest.mark.slow

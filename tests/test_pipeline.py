@@ -8,6 +8,7 @@ import sys
 
 import pandas as pd
 import pytest
+
 from conftest import PARITY_PROMPTS, daskdp_cli, plain_vllm, read_results
 
 GREEDY = {"temperature": 0.0, "max_tokens": 24}

@@ -11,10 +11,10 @@ import time
 import cloudpickle
 import pandas as pd
 import pytest
-from conftest import PARITY_PROMPTS, read_results
 from distributed import Client
 
 import daskdp
+from conftest import PARITY_PROMPTS, read_results
 from daskdp import config
 from daskdp.cluster import RankedLocalCluster
 from daskdp.generation import GenerationRequest, generate_partition
