@@ -29,18 +29,23 @@ by a nanny) has when it builds its engine, on top of this process's environment:
   set in the environment) and ``PYTHONHASHSEED=6640``, which the nanny puts in the worker's
   environment before spawning it;
 * then ``daskdp.cluster.rank_environments(1, 1)[0]``, which the worker applies to ``os.environ``
-  first thing in the new process, before any library that reads these variables is imported.
-  It overrides the nanny's ``OMP_NUM_THREADS=1``: on this 2-core host the single rank owns both
-  cores, so the worker's OpenMP starts with ``OMP_NUM_THREADS=2`` and
-  ``VLLM_CPU_OMP_THREADS_BIND=0,1`` (plus ``VLLM_LOGGING_LEVEL`` and ``TQDM_DISABLE``). The
-  baseline therefore runs with ``OMP_NUM_THREADS`` as in that rank environment, not 1;
+  first thing in the new process, before torch is imported: on this 2-core host the single rank
+  owns both cores, so ``OMP_NUM_THREADS=2``, ``MKL_NUM_THREADS=2`` and
+  ``VLLM_CPU_OMP_THREADS_BIND=0,1``;
 * then what daskdp's engine plugin sets before ``LLM(...)``: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
   (the engine core runs in-process, as in a worker) and the ``VLLM_DP_*`` variables of an
   independent rank (rank 0 of size 1).
 
-The baseline prints when its phases ended (``import vllm``, input read, ``LLM(...)``,
-generation, write), and daskdp's ``_summary.json`` gives its in-run wall time and the rank's
-busy time; both are shown under each run.
+Both sides therefore compute with the same threads on the same cores.
+
+Under each time, in brackets, where its seconds went. Baseline: its own phases (interpreter
+start and ``import pandas``, ``from vllm import LLM``, read input, ``LLM(...)``, ``generate``,
+write) and ``exit``, from the Parquet written to the process gone (vLLM's atexit clean-up
+and the interpreter's finalization). daskdp, from its ``_summary.json``: ``start`` (process
+start to the cluster's start: imports, configuration, the input's schema), ``run()`` (cluster
+start, engine load, generation and writing, cluster shutdown), the rank's busy time inside it
+(generation and writing of its partitions), and ``exit``. ``cpu`` is the CPU time of the run's
+processes, children included.
 
 Run it from the repository's root::
 
@@ -53,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -78,6 +84,7 @@ t0 = time.perf_counter()
 import json, sys
 import pandas as pd
 spec = json.loads(sys.argv[1])
+t_pandas = time.perf_counter()
 from vllm import LLM, SamplingParams
 t_import = time.perf_counter()
 frame = pd.read_parquet(spec["input"])
@@ -94,14 +101,20 @@ frame = frame.assign(
 )
 frame.to_parquet(spec["output"], index=False)
 t_write = time.perf_counter()
-phases = {"import vllm": t_import - t0, "read input": t_read - t_import, "LLM(...)": t_load - t_read,
-          "generate": t_generate - t_load, "write": t_write - t_generate}
-print("PHASES" + json.dumps(phases), flush=True)
+phases = {
+    "import pandas": t_pandas - t0,
+    "import vllm": t_import - t_pandas,
+    "read input": t_read - t_import,
+    "LLM(...)": t_load - t_read,
+    "generate": t_generate - t_load,
+    "write": t_write - t_generate,
+}
+print("PHASES" + json.dumps({"phases": phases, "written": time.time()}), flush=True)
 """
 
 
 def make_prompts(rows: int) -> pd.DataFrame:
-    """``rows`` distinct short prompts (a dozen tokens each) with ids ``0 .. rows-1``."""
+    """``rows`` distinct short prompts (about 26 tokens each for the tiny model) with ids ``0 .. rows-1``."""
     subjects = ["rivers", "bees", "the moon", "prime numbers", "volcanoes", "tea", "glaciers", "owls"]
     asks = ["Write a short note about", "List three facts on", "Explain to a child:", "Describe"]
     prompts = [
@@ -150,30 +163,66 @@ def worker_environment() -> dict[str, str]:
     }
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process's finished children, their own children included."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_baseline(source: Path, output: Path, model: str, engine_args: dict, sampling: dict, env) -> dict:
-    spec = {"input": str(source), "output": str(output), "model": model, "engine": engine_args, "sampling": sampling}
+    spec = {
+        "input": str(source),
+        "output": str(output),
+        "model": model,
+        "engine": engine_args,
+        "sampling": sampling,
+    }
+    cpu = cpu_seconds()
     started = time.perf_counter()
     done = subprocess.run(
         [PYTHON, "-c", BASELINE, json.dumps(spec)], capture_output=True, text=True, env=env, timeout=TIMEOUT
     )
     seconds = time.perf_counter() - started
+    exited = time.time()
     if done.returncode != 0:
         raise SystemExit(f"baseline failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    phases = next(line for line in done.stdout.splitlines() if line.startswith("PHASES"))
-    return {"seconds": seconds, "phases": json.loads(phases.removeprefix("PHASES"))}
+    line = next(line for line in done.stdout.splitlines() if line.startswith("PHASES"))
+    report = json.loads(line.removeprefix("PHASES"))
+    phases = {**report["phases"], "exit": exited - report["written"]}
+    return {"seconds": seconds, "cpu": cpu_seconds() - cpu, "phases": phases}
 
 
 def run_daskdp(source: Path, output: Path) -> dict:
-    command = [*DASKDP, "run", str(source), "-o", str(output), "--workers", "1", "--max-tokens", str(MAX_TOKENS)]
+    command = [
+        *DASKDP,
+        "run",
+        str(source),
+        "-o",
+        str(output),
+        "--workers",
+        "1",
+        "--max-tokens",
+        str(MAX_TOKENS),
+    ]
     command += ["--ignore-eos", "--quiet", "--overwrite"]
+    cpu = cpu_seconds()
+    launched = time.time()
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
     seconds = time.perf_counter() - started
+    exited = time.time()
     if done.returncode != 0:
         raise SystemExit(f"daskdp failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     summary = json.loads((output / "_summary.json").read_text())
-    busy = sum(rank["busy_seconds"] for rank in summary["ranks"].values())
-    return {"seconds": seconds, "phases": {"run() wall": summary["wall_seconds"], "rank busy": busy}}
+    phases = {
+        # up to the cluster's start: imports, configuration, the input's schema
+        "start": summary["started"] - launched,
+        # cluster start, engine load, generation and writing, cluster shutdown
+        "run()": summary["wall_seconds"],
+        "of which rank busy": sum(rank["busy_seconds"] for rank in summary["ranks"].values()),
+        "exit": exited - summary["finished"],
+    }
+    return {"seconds": seconds, "cpu": cpu_seconds() - cpu, "phases": phases}
 
 
 def read_baseline(output: Path) -> pd.DataFrame:
@@ -197,7 +246,9 @@ def check_rows(name: str, results: pd.DataFrame, rows: int) -> pd.DataFrame:
     if results["generated_text"].isna().any():
         problems.append(f"{int(results['generated_text'].isna().sum())} rows without text")
     if (results["output_tokens"] != MAX_TOKENS).any():
-        problems.append(f"{int((results['output_tokens'] != MAX_TOKENS).sum())} rows not of {MAX_TOKENS} tokens")
+        problems.append(
+            f"{int((results['output_tokens'] != MAX_TOKENS).sum())} rows not of {MAX_TOKENS} tokens"
+        )
     if problems:
         raise SystemExit(f"{name} did not produce all rows: " + "; ".join(problems))
     return results.sort_values("id", ignore_index=True)
@@ -207,8 +258,9 @@ def spread(times: list[float]) -> str:
     return f"median {statistics.median(times):7.2f} s   spread {min(times):.2f}-{max(times):.2f} s"
 
 
-def phases_text(phases: dict[str, float]) -> str:
-    return ", ".join(f"{name} {seconds:.2f}" for name, seconds in phases.items())
+def details(run: dict) -> str:
+    phases = ", ".join(f"{name} {seconds:.2f}" for name, seconds in run["phases"].items())
+    return f"cpu {run['cpu']:6.2f} s   [{phases}]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,11 +281,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"workload      {args.rows:,} prompts x {MAX_TOKENS} tokens, ignore_eos, greedy; {source}")
         print(f"model         {model}")
         print(f"engine        {json.dumps(engine_args)}")
-        threads = {k: env[k] for k in ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND") if k in env}
+        threads = {
+            k: env[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND") if k in env
+        }
         print(f"baseline env  {threads} (as daskdp's single rank)")
         print(f"(a) baseline  {PYTHON} -c <plain vllm.LLM.generate>")
-        print(f"(b) daskdp    {' '.join(DASKDP)} run PROMPTS -o OUT --workers 1 --max-tokens {MAX_TOKENS} "
-              "--ignore-eos --quiet --overwrite")
+        print(
+            f"(b) daskdp    {' '.join(DASKDP)} run PROMPTS -o OUT --workers 1 --max-tokens {MAX_TOKENS} "
+            "--ignore-eos --quiet --overwrite"
+        )
         print()
 
         times: dict[str, list[float]] = {"a": [], "b": []}
@@ -242,13 +298,13 @@ def main(argv: list[str] | None = None) -> int:
             a = run_baseline(source, out_a, model, engine_args, sampling, env)
             baseline = check_rows("baseline", read_baseline(out_a), args.rows)
             times["a"].append(a["seconds"])
-            print(f"round {round_}  (a) baseline {a['seconds']:7.2f} s   [{phases_text(a['phases'])}]", flush=True)
+            print(f"round {round_}  (a) baseline {a['seconds']:7.2f} s   {details(a)}", flush=True)
 
             out_b = workdir / "daskdp.out"
             b = run_daskdp(source, out_b)
             ours = check_rows("daskdp", read_daskdp(out_b), args.rows)
             times["b"].append(b["seconds"])
-            print(f"round {round_}  (b) daskdp   {b['seconds']:7.2f} s   [{phases_text(b['phases'])}]", flush=True)
+            print(f"round {round_}  (b) daskdp   {b['seconds']:7.2f} s   {details(b)}", flush=True)
             if round_ == 1:
                 differ = int((baseline["generated_text"] != ours["generated_text"]).sum())
                 print(f"round {round_}  texts: {'identical' if not differ else f'{differ} rows differ'}")
@@ -259,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
 
         median_a, median_b = statistics.median(times["a"]), statistics.median(times["b"])
         ratio = median_b / median_a
-        per_round = "  ".join(f"{b / a:.3f}" for a, b in zip(times["a"], times["b"]))
+        per_round = "  ".join(f"{b / a:.3f}" for a, b in zip(times["a"], times["b"], strict=True))
         print()
         print(f"(a) baseline  {spread(times['a'])}   {args.rows / median_a:8,.0f} rows/s")
         print(f"(b) daskdp    {spread(times['b'])}   {args.rows / median_b:8,.0f} rows/s")

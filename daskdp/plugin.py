@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +62,22 @@ class DataParallelEnv:
         }
 
 
+def import_vllm() -> None:
+    """Import vLLM without the import-time messages it prints before configuring its logger."""
+    logging.getLogger("vllm").setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
+    import vllm  # noqa: F401
+
+
+def dask_setup(worker: Worker) -> None:
+    """Worker preload (``preload=["daskdp.plugin"]``): start importing vLLM at once.
+
+    The import takes seconds; it then overlaps the worker's start, the client's reading of the
+    input, and the plugin's registration, instead of preceding the model load.
+    """
+    threading.Thread(target=import_vllm, name="daskdp-import-vllm", daemon=True).start()
+
+
 class Engine:
     """One ``vllm.LLM`` and the thread it lives on; :meth:`call` runs work there."""
 
@@ -72,13 +89,10 @@ class Engine:
         self.calls = 0  # batches generated, for diagnostics
 
     def load(self) -> None:
-        # Some of vLLM's import-time messages come before it configures its logger.
-        logging.getLogger("vllm").setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            from vllm import LLM
+        import_vllm()
+        from vllm import LLM
 
-            self.llm = LLM(model=self.model, **self.engine_args)
+        self.llm = LLM(model=self.model, **self.engine_args)
 
     def call(self, func: Callable[..., T], *args: Any) -> T:
         """Run ``func(llm, *args)`` on the engine's thread and return its result."""

@@ -17,7 +17,7 @@ from daskdp import config, io
 from daskdp.cluster import GPU, connect, visible_gpus
 from daskdp.errors import PartitionTimeout, RunError, UserError
 from daskdp.generation import PROGRESS_TOPIC, GenerationRequest, generate_and_write, summary_meta
-from daskdp.plugin import PLUGIN_NAME, EnginePlugin, ensure_engines
+from daskdp.plugin import EnginePlugin, ensure_engines
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
@@ -77,7 +77,6 @@ def run(
     started = time.time()
     tensor_parallel_size = int(engine_args.get("tensor_parallel_size", 1))
     client, cluster = connect(settings["cluster"], tensor_parallel_size)
-    registering = False
     try:
         if progress is not None and client.dashboard_link:
             print(f"Dask dashboard: {client.dashboard_link}", file=progress)
@@ -85,7 +84,6 @@ def run(
         io.clear_output(output)
         # The engines load on the workers while they read the input and split it over the ranks.
         id_column = settings["input"]["id-column"]
-        registering = True
         loader = ThreadPoolExecutor(1, thread_name_prefix="daskdp-load")
         try:
             plugin = EnginePlugin(model, engine_args)
@@ -105,10 +103,8 @@ def run(
             deadline=started + settings["run"]["timeout"] if settings["run"]["timeout"] else None,
         )
     finally:
-        if cluster is not None and registering:
-            # Free the engines before the workers stop: a worker still holding one takes
-            # longer to exit than its nanny waits, and is killed.
-            client.unregister_worker_plugin(PLUGIN_NAME)
+        if cluster is not None:
+            cluster.stop_ranks()  # every shard written is complete; nothing in the workers is kept
         client.close()
         if cluster is not None:
             cluster.close()

@@ -90,9 +90,8 @@ def build_tokenizer(out: Path, vocab_size: int) -> None:
 
 def build_model(out: Path, vocab_size: int) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from tokenizers import Tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
     config = LlamaConfig(
