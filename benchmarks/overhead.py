@@ -29,9 +29,9 @@ by a nanny) has when it builds its engine, on top of this process's environment:
   set in the environment) and ``PYTHONHASHSEED=6640``, which the nanny puts in the worker's
   environment before spawning it;
 * then ``daskdp.cluster.rank_environments(1, 1)[0]``, which the worker applies to ``os.environ``
-  first thing in the new process, before torch is imported: on this 2-core host the single rank
-  owns both cores, so ``OMP_NUM_THREADS=2``, ``MKL_NUM_THREADS=2`` and
-  ``VLLM_CPU_OMP_THREADS_BIND=0,1``;
+  first thing in the new process, before torch is imported: one compute thread
+  (``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``) on the rank's cores
+  (``VLLM_CPU_OMP_THREADS_BIND=0,1`` for the single rank of this 2-core host);
 * then what daskdp's engine plugin sets before ``LLM(...)``: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
   (the engine core runs in-process, as in a worker) and the ``VLLM_DP_*`` variables of an
   independent rank (rank 0 of size 1).

@@ -65,9 +65,10 @@ def rank_environments(ranks: int, tensor_parallel_size: int) -> list[dict[str, s
             {
                 **common,
                 "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, own)),
-                # One thread per core the rank owns; the nanny's defaults say 1 whatever the rank owns.
-                "OMP_NUM_THREADS": str(per_rank),
-                "MKL_NUM_THREADS": str(per_rank),
+                # One compute thread per rank: with more, OpenMP's threads and the engine's Python
+                # thread fight over the rank's cores (2 threads on 2 cores ran 2x slower here).
+                "OMP_NUM_THREADS": "1",
+                "MKL_NUM_THREADS": "1",
             }
         )
     return environments
