@@ -92,3 +92,26 @@ def generate(
         progress_interval=settings["run"]["progress-interval"],
     )
     return frame.map_partitions(generate_partition, request, meta=result_meta(frame._meta))
+
+
+def read_results(path: str | os.PathLike) -> dd.DataFrame:
+    """The results of ``daskdp run`` in ``path``, as a Dask DataFrame, one partition per shard.
+
+    Examples
+    --------
+    >>> results = daskdp.read_results("prompts.out")  # doctest: +SKIP
+    >>> results[results.error.notnull()].compute()  # doctest: +SKIP
+    """
+    import dask.dataframe as dd
+
+    return dd.read_parquet(os.fspath(path))
+
+
+def read_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """The run's summary (``_summary.json``): configuration, timings, totals and per-rank figures."""
+    import json
+
+    import fsspec
+
+    with fsspec.open(f"{os.fspath(path).rstrip('/')}/{io.SUMMARY_FILE}") as f:
+        return json.load(f)

@@ -31,6 +31,10 @@ RESULT_DTYPES = {
     "rank": "Int64",
     "worker": "string",
     "error": "string",
+    "started_at": "float64",
+    "finished_at": "Float64",
+    "time_to_first_token": "Float64",
+    "queue_seconds": "Float64",
 }
 SUMMARY_DTYPES = {
     "partition": "int64",
@@ -156,6 +160,10 @@ def _generate(
     texts = np.full(n, None, dtype=object)
     finish = np.full(n, None, dtype=object)
     output_tokens = np.zeros(n, dtype=np.int64)
+    started_at = time.time()
+    finished_at = np.full(n, np.nan)
+    first_token = np.full(n, np.nan)
+    queued = np.full(n, np.nan)
     prompt_tokens = np.array([len(ids) if ids is not None else 0 for ids in token_ids], dtype=np.int64)
 
     rows = [i for i in range(n) if errors[i] is None]
@@ -175,6 +183,10 @@ def _generate(
                 texts[i] = completion.text
                 output_tokens[i] = len(completion.token_ids)
                 finish[i] = completion.finish_reason
+                finished_at[i] = time.time()
+                if output.metrics is not None:  # with the engine's stats on (disable_log_stats=False)
+                    first_token[i] = output.metrics.first_token_latency
+                    queued[i] = output.metrics.scheduled_ts - output.metrics.queued_ts
                 done += 1
                 produced += len(completion.token_ids)
             report(done, produced)
@@ -192,6 +204,10 @@ def _generate(
         "output_tokens": output_tokens,
         "finish_reason": finish,
         "error": errors,
+        "started_at": np.full(n, started_at),
+        "finished_at": finished_at,
+        "time_to_first_token": first_token,
+        "queue_seconds": queued,
     }
 
 

@@ -265,6 +265,11 @@ def summarize(partitions: pd.DataFrame, source, output, model, settings, started
         "prompt_tokens": int(partitions["prompt_tokens"].sum()),
         "output_tokens": output_tokens,
         "output_tokens_per_second": round(output_tokens / wall, 1) if wall else 0.0,
+        "partitions": [
+            {key: row[key] for key in ("partition", "rank", "worker", "rows", "error_rows", "output_tokens")}
+            | {"started": float(row["started"]), "finished": float(row["finished"])}
+            for row in partitions.to_dict("records")
+        ],
         "ranks": {
             int(rank): {"rows": int(row["rows"]), "busy_seconds": round(float(row["busy_seconds"]), 3)}
             for rank, row in per_rank.iterrows()
