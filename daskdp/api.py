@@ -29,7 +29,9 @@ def generate(
 
     The engines are loaded on the client's ``GPU`` workers now (and kept: a second call with
     the same model loads nothing); no prompt is generated until the result is computed.
-    Compute it with ``resources={"GPU": 1}`` on a cluster that also has workers without GPUs.
+    A path or pandas DataFrame is split into one partition per rank; a Dask DataFrame keeps
+    its partitions. Compute with ``resources={"GPU": 1}`` on a cluster that also has workers
+    without GPUs, and watch it with ``distributed.progress``.
 
     Parameters
     ----------
@@ -70,6 +72,9 @@ def generate(
                 "client = distributed.Client(daskdp.RankedLocalCluster(ranks=1))"
             ) from None
 
+    model_path, engine_args = config.engine_arguments(settings, gpu_host=bool(visible_gpus()))
+    ranks = ensure_engines(client, EnginePlugin(model_path, engine_args), settings["cluster"]["startup-timeout"])
+
     if isinstance(prompts, (str, os.PathLike)):
         frame = io.read_prompts(os.fspath(prompts), input_settings).frame
     elif isinstance(prompts, pd.DataFrame):
@@ -82,9 +87,8 @@ def generate(
     if id_column not in frame.columns:
         positions = frame.assign(**{id_column: 1})[id_column].cumsum() - 1
         frame = frame.assign(**{id_column: positions})
-
-    model_path, engine_args = config.engine_arguments(settings, gpu_host=bool(visible_gpus()))
-    ensure_engines(client, EnginePlugin(model_path, engine_args), settings["cluster"]["startup-timeout"])
+    if not isinstance(prompts, dd.DataFrame):  # a Dask DataFrame keeps the partitions it was given
+        frame = frame.repartition(npartitions=len(ranks))
     request = GenerationRequest(
         sampling=settings["sampling"],
         prompt_column=input_settings["prompt-column"],

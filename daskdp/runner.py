@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 import uuid
@@ -33,7 +32,7 @@ def run(
     config_file: str | None = None,
     overrides: dict[str, Any] | None = None,
     overwrite: bool = False,
-    progress: TextIO | None = sys.stderr,
+    progress: TextIO | None = None,
 ) -> dict[str, Any]:
     """Generate for every row of ``source`` and write the results as Parquet shards.
 
@@ -50,7 +49,8 @@ def run(
     overwrite
         Replace the results of an earlier run in ``output``.
     progress
-        Where progress and the dashboard's address are shown; ``None`` for nowhere.
+        Where progress and the dashboard's address are shown (the CLI gives ``sys.stderr``);
+        default: nowhere, the dashboard's address goes to the ``daskdp`` logger.
 
     Returns
     -------
@@ -80,6 +80,7 @@ def run(
     try:
         if progress is not None and client.dashboard_link:
             print(f"Dask dashboard: {client.dashboard_link}", file=progress)
+        logger.info("Dask dashboard: %s", client.dashboard_link)
         lengths = prompts.row_counts()  # an unreadable or empty input fails before any engine loads
         io.clear_output(output)
         # The engines load on the workers while they read the input and split it over the ranks.
