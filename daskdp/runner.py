@@ -104,10 +104,9 @@ def run(
             deadline=started + settings["run"]["timeout"] if settings["run"]["timeout"] else None,
         )
     finally:
-        if cluster is not None:
-            cluster.stop_ranks()  # every shard written is complete; nothing in the workers is kept
         client.close()
         if cluster is not None:
+            cluster.stop_ranks()  # every shard written is complete; nothing in the workers is kept
             cluster.close()
     summary = summarize(partitions, source, output, model, settings, started)
     io.write_summary(summary, output)
