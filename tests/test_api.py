@@ -19,7 +19,15 @@ def cli_results(tmp_path_factory, cluster):
     _, client = cluster
     out = tmp_path_factory.mktemp("cli") / "out"
     done = daskdp_cli(
-        "run", EXAMPLES, "-o", out, "--scheduler-address", client.scheduler.address, "--max-tokens", 12, "--quiet"
+        "run",
+        EXAMPLES,
+        "-o",
+        out,
+        "--scheduler-address",
+        client.scheduler.address,
+        "--max-tokens",
+        12,
+        "--quiet",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return read_results(out).set_index("id").sort_index()

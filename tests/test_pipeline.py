@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
 import pandas as pd
+import psutil
 import pytest
 
-from conftest import PARITY_PROMPTS, daskdp_cli, plain_vllm, read_results
+from conftest import DASKDP, PARITY_PROMPTS, daskdp_cli, plain_vllm, read_results
 
 GREEDY = {"temperature": 0.0, "max_tokens": 24}
 
@@ -178,3 +181,27 @@ def test_run_deadline_stops_the_run(tmp_path):
     assert done.returncode == 1, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert "passed its --timeout" in last and "partition 0 on rank 0" in last, last
+
+
+def test_a_killed_worker_does_not_lose_or_duplicate_rows(tmp_path):
+    """SIGKILL one rank's process mid-generation: its partition reruns, every row exactly once."""
+    source = tmp_path / "prompts.parquet"
+    pd.DataFrame({"prompt": [f"Story {i}" for i in range(400)]}).to_parquet(source)
+    process = subprocess.Popen(
+        [*DASKDP, "run", str(source), "--workers", "2", "--max-tokens", "600", "--ignore-eos"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "DASK_DASKDP__RUN__PROGRESS_INTERVAL": "0.5"},
+    )
+    for line in process.stderr:  # without a terminal, progress is a line every 10 s of generation
+        if "rows," in line:
+            break
+    workers = [p for p in psutil.Process(process.pid).children() if "dask worker" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    os.kill(workers[0].pid, signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    results = read_results(tmp_path / "prompts.out")
+    assert sorted(results["id"]) == list(range(400))
+    assert results["error"].isna().all() and (results["output_tokens"] == 600).all()
