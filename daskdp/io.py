@@ -27,6 +27,7 @@ FORMATS = {
 COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst"}
 SHARD_PATTERN = "part-{:05d}.parquet"
 SUMMARY_FILE = "_summary.json"
+REPORT_FILE = "_report.html"  # "_": Parquet readers skip it, as they skip the summary
 
 
 def input_format(source: str, is_dir: bool) -> str:
@@ -205,7 +206,7 @@ def clear_output(output: str) -> None:
 
 
 def _is_daskdp_file(name: str) -> bool:
-    return name == SUMMARY_FILE or (name.startswith("part-") and ".parquet" in name)
+    return name in (SUMMARY_FILE, REPORT_FILE) or (name.startswith("part-") and ".parquet" in name)
 
 
 def write_shard(frame: pd.DataFrame, output: str, partition: int) -> str:

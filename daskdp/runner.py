@@ -88,10 +88,17 @@ def run(
         loader = ThreadPoolExecutor(1, thread_name_prefix="daskdp-load")
         try:
             plugin = EnginePlugin(model, engine_args)
-            loading = loader.submit(ensure_engines, client, plugin, settings["cluster"]["startup-timeout"])
+            startup_timeout = settings["cluster"]["startup-timeout"]
+            loading = loader.submit(ensure_engines, client, plugin, startup_timeout)
             planned = max(1, len(gpu_workers(client)))
             balanced = client.persist(io.balance(prompts.frame, lengths, planned, id_column))
-            ranks = loading.result()
+            try:
+                ranks = loading.result(timeout=startup_timeout)
+            except TimeoutError:
+                raise RunError(
+                    f"the engines did not load within {startup_timeout:g} s; "
+                    "raise cluster.startup-timeout for a large model"
+                ) from None
         finally:
             loader.shutdown(wait=False)
         if len(ranks) != planned:  # workers joined or left while the engines loaded
