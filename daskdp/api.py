@@ -73,7 +73,9 @@ def generate(
             ) from None
 
     model_path, engine_args = config.engine_arguments(settings, gpu_host=bool(visible_gpus()))
-    ranks = ensure_engines(client, EnginePlugin(model_path, engine_args), settings["cluster"]["startup-timeout"])
+    ranks = ensure_engines(
+        client, EnginePlugin(model_path, engine_args), settings["cluster"]["startup-timeout"]
+    )
 
     if isinstance(prompts, (str, os.PathLike)):
         frame = io.read_prompts(os.fspath(prompts), input_settings).frame

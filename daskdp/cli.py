@@ -1,4 +1,4 @@
-"""The command line: a thin layer over :func:`daskdp.run`."""
+"""The command line: a thin layer over :func:`daskdp.run` and :mod:`daskdp.report`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ examples:
   daskdp run prompts.jsonl -o results/ --workers 2 --max-tokens 64
   daskdp run 's3://bucket/prompts/*.parquet' --model meta-llama/Llama-3.1-8B-Instruct
   daskdp run prompts.parquet --scheduler-address tcp://10.0.0.5:8786
+"""
+REPORT_EXAMPLES = """\
+examples:
+  daskdp report prompts.out
+  daskdp report s3://bucket/results/
 """
 
 
@@ -72,6 +77,19 @@ def parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--partition-timeout", type=float, metavar="S", help="limit for one partition, in seconds"
     )
+
+    report = commands.add_parser(
+        "report",
+        help="summarize a run and write its HTML report",
+        description=(
+            "Print the summary table of the run in OUT and write OUT/_report.html: the table, "
+            "figures (ranks over time, tokens/s per rank, lengths, finish reasons), the error rows "
+            "and a sample of generations. `daskdp run` writes it too."
+        ),
+        epilog=REPORT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("results", metavar="OUT", help="the output directory of `daskdp run`; any fsspec URL")
     return main
 
 
@@ -97,6 +115,8 @@ def overrides(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "report":
+        return report(args.results)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Dask's own INFO lines (workers starting and closing) are noise on a terminal.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
@@ -124,6 +144,24 @@ def main(argv: list[str] | None = None) -> int:
         print("daskdp: interrupted", file=sys.stderr)
         return 130
     print(format_summary(summary))
+    from daskdp.report import write_report
+
+    print(f"report in {write_report(summary['output'])}")
+    return 0
+
+
+def report(results: str) -> int:
+    """``daskdp report OUT``: print the summary table, write the HTML report, print its path."""
+    from daskdp.api import read_summary
+    from daskdp.report import format_table, summary_table, write_report
+
+    try:
+        path = write_report(results)
+    except UserError as e:
+        print(f"daskdp: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(summary_table(read_summary(results))))
+    print(f"report in {path}")
     return 0
 
 

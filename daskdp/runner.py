@@ -104,7 +104,7 @@ def run(
         if len(ranks) != planned:  # workers joined or left while the engines loaded
             balanced = io.balance(prompts.frame, lengths, len(ranks), id_column)
         results = balanced.map_partitions(generate_and_write, request, output, meta=summary_meta())
-        monitor = Monitor(client, request.run_id, sum(lengths), progress)
+        monitor = Monitor(client, request.run_id, sum(lengths), progress, started)
         partitions = monitor.wait(
             submit(client, results, ranks, tensor_parallel_size),
             partition_timeout=request.partition_timeout,
@@ -148,9 +148,12 @@ def submit(client: Client, results: dd.DataFrame, ranks: list[str], tensor_paral
 class Monitor:
     """Waits for the partitions' futures with timeouts, showing progress from the ranks."""
 
-    def __init__(self, client: Client, run_id: str, total_rows: int, stream: TextIO | None):
+    def __init__(
+        self, client: Client, run_id: str, total_rows: int, stream: TextIO | None, run_started: float
+    ):
         self.client = client
         self.run_id = run_id
+        self.run_started = run_started
         self.total_rows = total_rows
         self.stream = stream
         self.lock = threading.Lock()
@@ -231,7 +234,7 @@ class Monitor:
                 for i in unfinished
             )
             raise RunError(
-                f"the run passed its --timeout after {now - self.started:.0f} s; unfinished: {where}"
+                f"the run passed its --timeout after {time.time() - self.run_started:.0f} s; unfinished: {where}"
             )
 
     def show(self, final: bool = False) -> None:

@@ -179,8 +179,9 @@ def test_run_deadline_stops_the_run(tmp_path):
         "run", source, "--max-tokens", 1500, "--ignore-eos", "--timeout", 20, "--quiet", timeout=300
     )
     assert done.returncode == 1, done.stderr[-3000:]
-    last = done.stderr.strip().splitlines()[-1]
-    assert "passed its --timeout" in last and "partition 0 on rank 0" in last, last
+    # The ranks are killed mid-generation: Python's resource tracker may add a warning after it.
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("daskdp:")]
+    assert "passed its --timeout after 2" in line and "partition 0 on rank 0" in line, line
 
 
 def test_a_killed_worker_does_not_lose_or_duplicate_rows(tmp_path):
