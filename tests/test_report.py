@@ -99,13 +99,14 @@ def test_notebook_runs_top_to_bottom(run, monkeypatch):
 
     out, _ = run
     monkeypatch.setenv("DASKDP_RESULTS", str(out))
-    NotebookClient(notebook, timeout=120, resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    NotebookClient(notebook, timeout=300, resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
     outputs = [output for cell in code for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
     images = [output for output in outputs if "image/png" in output.get("data", {})]
     assert len(images) == FIGURES
     tables = "".join(output.get("data", {}).get("text/html", "") for output in outputs)
     assert "rank 1 (busy)" in tables and "bad-null" in tables
+    assert "ex-000" in code[-1].outputs[-1]["data"]["text/html"]  # the lazy API's first rows
 
 
 def test_all_errors_on_one_rank(tmp_path):
