@@ -51,6 +51,7 @@ Run it from the repository's root::
 
     .venv/bin/python benchmarks/overhead.py               # 20,000 prompts, 3 rounds
     .venv/bin/python benchmarks/overhead.py --rows 2000 --repeats 1 --keep
+    .venv/bin/python benchmarks/overhead.py --chunk-size 128   # the cost of small checkpoints
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def run_baseline(source: Path, output: Path, model: str, engine_args: dict, samp
     return {"seconds": seconds, "cpu": cpu_seconds() - cpu, "phases": phases}
 
 
-def run_daskdp(source: Path, output: Path) -> dict:
+def run_daskdp(source: Path, output: Path, chunk_size: int | None) -> dict:
     command = [
         *DASKDP,
         "run",
@@ -205,6 +206,8 @@ def run_daskdp(source: Path, output: Path) -> dict:
         str(MAX_TOKENS),
     ]
     command += ["--ignore-eos", "--quiet", "--overwrite"]
+    if chunk_size is not None:
+        command += ["--chunk-size", str(chunk_size)]
     cpu = cpu_seconds()
     launched = time.time()
     started = time.perf_counter()
@@ -267,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000, help="prompts to generate (default 20,000)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of baseline then daskdp (default 3)")
+    parser.add_argument(
+        "--chunk-size", type=int, help="daskdp's --chunk-size (default: daskdp's own default)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory and print its path")
     args = parser.parse_args(argv)
     if args.rows < 1 or args.repeats < 1:
@@ -289,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"(b) daskdp    {' '.join(DASKDP)} run PROMPTS -o OUT --workers 1 --max-tokens {MAX_TOKENS} "
             "--ignore-eos --quiet --overwrite"
+            + (f" --chunk-size {args.chunk_size}" if args.chunk_size else "")
         )
         print()
 
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {round_}  (a) baseline {a['seconds']:7.2f} s   {details(a)}", flush=True)
 
             out_b = workdir / "daskdp.out"
-            b = run_daskdp(source, out_b)
+            b = run_daskdp(source, out_b, args.chunk_size)
             ours = check_rows("daskdp", read_daskdp(out_b), args.rows)
             times["b"].append(b["seconds"])
             print(f"round {round_}  (b) daskdp   {b['seconds']:7.2f} s   {details(b)}", flush=True)

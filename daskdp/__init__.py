@@ -7,19 +7,28 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["EnginePlugin", "RankedLocalCluster", "generate", "read_results", "read_summary", "run"]
+__all__ = [
+    "EnginePlugin",
+    "RankedLocalCluster",
+    "generate",
+    "read_manifest",
+    "read_results",
+    "read_summary",
+    "run",
+]
 
 _LOCATIONS = {
     "EnginePlugin": "daskdp.plugin",
     "RankedLocalCluster": "daskdp.cluster",
     "generate": "daskdp.api",
+    "read_manifest": "daskdp.api",
     "read_results": "daskdp.api",
     "read_summary": "daskdp.api",
     "run": "daskdp.runner",
 }
 
 if TYPE_CHECKING:
-    from daskdp.api import generate, read_results, read_summary
+    from daskdp.api import generate, read_manifest, read_results, read_summary
     from daskdp.cluster import RankedLocalCluster
     from daskdp.plugin import EnginePlugin
     from daskdp.runner import run

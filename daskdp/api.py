@@ -6,6 +6,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from daskdp import config, io
+from daskdp.checkpoint import MANIFEST_FILE
 from daskdp.cluster import visible_gpus
 from daskdp.errors import UserError
 from daskdp.generation import GenerationRequest, generate_partition, result_meta
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
     import dask.dataframe as dd
     import pandas as pd
     from distributed import Client
+
+CHUNK_FILES = "part-*.parquet"  # the names checkpoint.CHUNK_FILE gives
 
 
 def generate(
@@ -95,29 +98,67 @@ def generate(
         sampling=settings["sampling"],
         prompt_column=input_settings["prompt-column"],
         messages_column=input_settings["messages-column"],
+        id_column=id_column,
+        chunk_rows=int(settings["run"]["chunk-size"]),
+        chunk_timeout=settings["run"]["chunk-timeout"],
         progress_interval=settings["run"]["progress-interval"],
     )
     return frame.map_partitions(generate_partition, request, meta=result_meta(frame._meta))
 
 
 def read_results(path: str | os.PathLike) -> dd.DataFrame:
-    """The results of ``daskdp run`` in ``path``, as a Dask DataFrame, one partition per shard.
+    """The results of ``daskdp run`` in ``path``, as a Dask DataFrame, one partition per chunk.
+
+    Only the chunk files (``part-*.parquet``, in chunk order) are read: not the records in
+    ``_chunks/``, nor the hidden files of writes in progress, so the finished chunks of a run
+    that is still going (or stopped) can be read too.
+
+    The run's metadata is not attached to the frame: a Dask DataFrame has no ``attrs``, and
+    setting them on its ``_meta`` would be shared by every frame read from the same files and
+    lost on ``compute``. Read it beside the results with :func:`read_manifest` (input and
+    settings) and :func:`read_summary` (timings and totals).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` holds no chunk file.
 
     Examples
     --------
     >>> results = daskdp.read_results("prompts.out")  # doctest: +SKIP
     >>> results[results.error.notnull()].compute()  # doctest: +SKIP
+    >>> daskdp.read_manifest("prompts.out")["settings"]["sampling"]  # doctest: +SKIP
     """
     import dask.dataframe as dd
+    import fsspec
 
-    return dd.read_parquet(os.fspath(path))
+    fs, root = fsspec.core.url_to_fs(os.fspath(path))
+    files = sorted(fs.glob(f"{root.rstrip('/')}/{CHUNK_FILES}"))
+    if not files:
+        raise FileNotFoundError(f"no results in {os.fspath(path)}: it holds no {CHUNK_FILES} file")
+    return dd.read_parquet(files, filesystem=fs)
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The run's manifest (``_manifest.json``): input, chunk layout and the settings behind the results.
+
+    Examples
+    --------
+    >>> manifest = daskdp.read_manifest("prompts.out")  # doctest: +SKIP
+    >>> manifest["rows"], manifest["chunk_rows"], manifest["settings"]["model"]  # doctest: +SKIP
+    """
+    return _read_json(path, MANIFEST_FILE)
 
 
 def read_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """The run's summary (``_summary.json``): configuration, timings, totals and per-rank figures."""
+    """The run's summary (``_summary.json``): configuration, timings, totals, chunks and ranks."""
+    return _read_json(path, io.SUMMARY_FILE)
+
+
+def _read_json(path: str | os.PathLike, name: str) -> dict[str, Any]:
     import json
 
     import fsspec
 
-    with fsspec.open(f"{os.fspath(path).rstrip('/')}/{io.SUMMARY_FILE}") as f:
+    with fsspec.open(f"{os.fspath(path).rstrip('/')}/{name}") as f:
         return json.load(f)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import signal
 import sys
 
-from daskdp.errors import RunError, UserError
+from daskdp.errors import RunError, Terminated, UserError
 
 EXAMPLES = """\
 examples:
@@ -43,7 +45,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--config", metavar="FILE", help="YAML file with a `daskdp:` section (see conf/default.yaml)"
     )
-    run.add_argument(
+    previous = run.add_mutually_exclusive_group()
+    previous.add_argument(
+        "--resume", action="store_true", help="continue the run whose results are in the output directory"
+    )
+    previous.add_argument(
         "--overwrite", action="store_true", help="replace the results in a non-empty output directory"
     )
     run.add_argument("--quiet", action="store_true", help="no progress display")
@@ -59,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--scheduler-address", metavar="ADDR", help="use a running Dask scheduler instead of a local cluster"
     )
+    where.add_argument("--tls-ca-file", metavar="PEM", help="CA certificate for a tls:// scheduler")
+    where.add_argument("--tls-cert", metavar="PEM", help="client certificate for a tls:// scheduler")
+    where.add_argument("--tls-key", metavar="PEM", help="client private key for a tls:// scheduler")
     where.add_argument("--prompt-column", metavar="NAME", help="column holding the prompts (default: prompt)")
 
     sampling = run.add_argument_group("sampling")
@@ -72,11 +81,21 @@ def parser() -> argparse.ArgumentParser:
         "--ignore-eos", action="store_true", default=None, help="generate max-tokens even past EOS"
     )
 
-    limits = run.add_argument_group("time limits")
-    limits.add_argument("--timeout", type=float, metavar="S", help="deadline for the whole run, in seconds")
+    limits = run.add_argument_group("checkpoints and limits")
+    limits.add_argument("--chunk-size", type=int, metavar="ROWS", help="rows written together (default 1024)")
     limits.add_argument(
-        "--partition-timeout", type=float, metavar="S", help="limit for one partition, in seconds"
+        "--chunk-timeout", type=float, metavar="S", help="stop a chunk that generates for longer"
     )
+    limits.add_argument(
+        "--retries", type=int, metavar="N", help="further attempts for a timed-out chunk (default 1)"
+    )
+    limits.add_argument(
+        "--max-error-rate",
+        type=float,
+        metavar="F",
+        help="fail when more than this fraction of rows are errors",
+    )
+    limits.add_argument("--timeout", type=float, metavar="S", help="deadline for the whole run, in seconds")
 
     report = commands.add_parser(
         "report",
@@ -108,22 +127,30 @@ def overrides(args: argparse.Namespace) -> dict:
         "sampling.seed": args.seed,
         "sampling.stop": args.stop,
         "sampling.ignore-eos": args.ignore_eos,
+        "cluster.tls-ca-file": args.tls_ca_file,
+        "cluster.tls-cert": args.tls_cert,
+        "cluster.tls-key": args.tls_key,
+        "run.chunk-size": args.chunk_size,
+        "run.chunk-timeout": args.chunk_timeout,
+        "run.retries": args.retries,
+        "run.max-error-rate": args.max_error_rate,
         "run.timeout": args.timeout,
-        "run.partition-timeout": args.partition_timeout,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     if args.command == "report":
         return report(args.results)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Dask's own INFO lines (workers starting and closing) are noise on a terminal.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    from daskdp.runner import format_summary, run
+    from daskdp.runner import run
 
     # A worker process that takes a few seconds to exit is killed at shutdown; that is no news.
     logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
+    signal.signal(signal.SIGTERM, _terminate)
 
     try:
         summary = run(
@@ -131,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             args.output,
             config_file=args.config,
             overrides=overrides(args),
+            resume=args.resume,
             overwrite=args.overwrite,
             progress=None if args.quiet else sys.stderr,
         )
@@ -138,16 +166,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"daskdp: error: {e}", file=sys.stderr)
         return 2
     except RunError as e:
+        if e.summary is not None:
+            finish(e.summary)
         print(f"daskdp: run failed: {e}", file=sys.stderr)
+        if e.resumable:
+            print(f"daskdp: finished chunks are kept; continue with: {continuation(argv)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("daskdp: interrupted", file=sys.stderr)
-        return 130
-    print(format_summary(summary))
-    from daskdp.report import write_report
-
-    print(f"report in {write_report(summary['output'])}")
+    except (KeyboardInterrupt, Terminated) as e:
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        print(
+            f"daskdp: stopped by {name}; finished chunks are kept; continue with: {continuation(argv)}",
+            file=sys.stderr,
+        )
+        return 143 if isinstance(e, Terminated) else 130
+    finish(summary)
     return 0
+
+
+def finish(summary: dict) -> None:
+    """Print the summary table and write the report."""
+    from daskdp.report import write_report
+    from daskdp.runner import format_summary
+
+    print(format_summary(summary))
+    print(f"report in {write_report(summary['output'])}")
+
+
+def continuation(argv: list[str]) -> str:
+    """The command that resumes the run ``argv`` started."""
+    kept = [arg for arg in argv if arg not in ("--resume", "--overwrite")]
+    return shlex.join(["daskdp", *kept, "--resume"])
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 def report(results: str) -> int:

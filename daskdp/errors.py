@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class UserError(Exception):
     """A mistake in the user's input or settings; the message names it and the fix."""
 
 
 class RunError(Exception):
-    """A run that could not finish: a timeout, lost ranks, or an engine that would not load."""
+    """A run that could not finish: a timeout, lost ranks, or an engine that would not load.
+
+    ``resumable``: the output holds a manifest, and ``--resume`` continues from its finished
+    chunks. ``summary``: the run's summary, when the run got as far as writing one.
+    """
+
+    def __init__(self, message: str, *, resumable: bool = False, summary: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.resumable = resumable
+        self.summary = summary
 
 
-class PartitionTimeout(RunError):
-    """A partition ran past its timeout; its requests were aborted so the rank is free."""
-
-    def __init__(self, rank: int, partition: int, seconds: float, unfinished: int):
-        self.rank, self.partition, self.seconds, self.unfinished = rank, partition, seconds, unfinished
-        super().__init__(rank, partition, seconds, unfinished)
-
-    def __str__(self) -> str:
-        return (
-            f"partition {self.partition} on rank {self.rank} timed out after {self.seconds:g} s "
-            f"with {self.unfinished} rows unfinished; raise --partition-timeout"
-        )
+class Terminated(BaseException):
+    """SIGTERM arrived; like ``KeyboardInterrupt``, it unwinds the run and shuts the cluster down."""

@@ -1,23 +1,26 @@
-"""The ``map_partitions`` function: one partition of prompts -> the same rows with results.
+"""The ``map_partitions`` functions: one partition of prompts -> its rows with results.
 
-A partition goes to its worker's engine in one batched call. Rows that cannot be generated
-(null, empty or non-text prompts, prompts longer than the model allows, bad per-row sampling
-values) keep their place with ``error`` set; the rest of the partition is generated.
+A partition is generated in chunks on its worker's engine, which daskdp steps itself: for
+live progress, for aborting a chunk that runs past its timeout, and for writing each chunk
+as soon as it is done. Rows that cannot be generated (null, empty or non-text prompts,
+prompts longer than the model allows, bad per-row sampling values, rows the engine rejects)
+keep their place with ``error`` set; the rest of the chunk is generated.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from daskdp.errors import PartitionTimeout
-from daskdp.io import write_shard
+from daskdp import checkpoint
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -36,19 +39,27 @@ RESULT_DTYPES = {
     "time_to_first_token": "Float64",
     "queue_seconds": "Float64",
 }
-SUMMARY_DTYPES = {
-    "partition": "int64",
-    "rank": "int64",
-    "worker": "object",
-    "path": "object",
+RECORD_DTYPES = {
+    "chunk": "int64",
+    "status": "object",
     "rows": "int64",
+    "first_row": "int64",
+    "last_row": "int64",
+    "first_id": "object",
+    "last_id": "object",
     "error_rows": "int64",
     "prompt_tokens": "int64",
     "output_tokens": "int64",
     "timed_out_rows": "int64",
+    "timed_out_ids": "object",
+    "rank": "int64",
+    "worker": "object",
+    "partition": "int64",
+    "attempts": "int64",
     "started": "float64",
     "finished": "float64",
 }
+SKIPPED = "skipped"
 SAMPLING_KEYS = ("temperature", "top-p", "top-k", "max-tokens", "seed", "stop", "ignore-eos")
 OVERRIDE_COLUMNS = ("max_tokens", "temperature", "seed")
 PROGRESS_TOPIC = "daskdp-progress"
@@ -61,8 +72,11 @@ class GenerationRequest:
     sampling: dict[str, Any]
     prompt_column: str = "prompt"
     messages_column: str = "messages"
+    id_column: str = "id"
     run_id: str = ""
-    partition_timeout: float | None = None
+    chunk_rows: int = 1024
+    chunk_timeout: float | None = None
+    retries: int = 0
     progress_interval: float = 1.0
 
 
@@ -71,14 +85,110 @@ def result_meta(meta: pd.DataFrame) -> pd.DataFrame:
     return meta.assign(**{name: pd.Series(dtype=dtype) for name, dtype in RESULT_DTYPES.items()})
 
 
-def summary_meta() -> pd.DataFrame:
-    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in SUMMARY_DTYPES.items()})
+def record_meta() -> pd.DataFrame:
+    """The empty frame of chunk records that ``generate_and_write`` returns."""
+    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in RECORD_DTYPES.items()})
+
+
+class Chunk:
+    """Rows generated and written together, and their results as they come from the engine."""
+
+    def __init__(self, number: int, rows: pd.DataFrame, attempt: int = 1):
+        self.number, self.rows, self.attempt = number, rows, attempt
+        n = len(rows)
+        self.errors = np.full(n, None, dtype=object)
+        self.texts = np.full(n, None, dtype=object)
+        self.finish_reasons = np.full(n, None, dtype=object)
+        self.prompt_tokens = np.zeros(n, dtype=np.int64)
+        self.output_tokens = np.zeros(n, dtype=np.int64)
+        self.finished_at = np.full(n, np.nan)
+        self.first_token = np.full(n, np.nan)
+        self.queued = np.full(n, np.nan)
+        self.pending: dict[str, int] = {}  # row by request id, while in the engine
+        self.started = time.time()
+        self.head_since: float | None = None  # when it became the oldest chunk in the engine
+
+    def enqueue(self, llm: LLM, request: GenerationRequest) -> None:
+        """Render and check every row, then add the good ones to the engine."""
+        self.started = time.time()
+        token_ids = _tokenize(llm, self.rows, request, self.errors)
+        self.prompt_tokens[:] = [len(ids) if ids is not None else 0 for ids in token_ids]
+        params = _sampling_params(self.rows, request, self.errors)
+        rows = [i for i in range(len(self.rows)) if self.errors[i] is None]
+        self.pending = _enqueue(llm, rows, token_ids, params, self.errors)
+
+    def finish_row(self, request_id: str, output: Any) -> int:
+        """Take a finished request's output; return its number of output tokens."""
+        i = self.pending.pop(request_id)
+        completion = output.outputs[0]
+        self.texts[i] = completion.text
+        self.output_tokens[i] = len(completion.token_ids)
+        self.finish_reasons[i] = completion.finish_reason
+        self.finished_at[i] = time.time()
+        if output.metrics is not None:  # with the engine's stats on (disable_log_stats=False)
+            self.first_token[i] = output.metrics.first_token_latency
+            self.queued[i] = output.metrics.scheduled_ts - output.metrics.queued_ts
+        return len(completion.token_ids)
+
+    def give_up(self, reason: str) -> None:
+        """Mark the rows still in the engine as errors."""
+        for i in self.pending.values():
+            self.errors[i] = reason
+        self.pending = {}
+
+    def results(self, rank: int, worker: str) -> pd.DataFrame:
+        """The chunk's rows with their result columns."""
+        n = len(self.rows)
+        columns = {
+            "generated_text": self.texts,
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+            "finish_reason": self.finish_reasons,
+            "rank": np.full(n, rank),
+            "worker": np.full(n, worker, dtype=object),
+            "error": self.errors,
+            "started_at": np.full(n, self.started),
+            "finished_at": self.finished_at,
+            "time_to_first_token": self.first_token,
+            "queue_seconds": self.queued,
+        }
+        return self.rows.assign(
+            **{name: pd.array(columns[name], dtype=dtype) for name, dtype in RESULT_DTYPES.items()}
+        )
+
+    def record(self, rank: int, worker: str, partition: int, id_column: str) -> dict[str, Any]:
+        """What the manifest keeps of this chunk."""
+        ids = self.rows[id_column]
+        unfinished = sorted(self.pending.values())
+        return {
+            "chunk": self.number,
+            "status": "",
+            "rows": len(self.rows),
+            "first_row": int(self.rows.index[0]),
+            "last_row": int(self.rows.index[-1]),
+            "first_id": str(ids.iloc[0]),
+            "last_id": str(ids.iloc[-1]),
+            "error_rows": int(sum(e is not None for e in self.errors)),
+            "prompt_tokens": int(self.prompt_tokens.sum()),
+            "output_tokens": int(self.output_tokens.sum()),
+            "timed_out_rows": len(unfinished),
+            "timed_out_ids": [str(ids.iloc[i]) for i in unfinished],
+            "rank": rank,
+            "worker": worker,
+            "partition": partition,
+            "attempts": self.attempt,
+            "started": self.started,
+            "finished": time.time(),
+        }
 
 
 def generate_partition(
     part: pd.DataFrame, request: GenerationRequest, partition_info: dict | None = None
 ) -> pd.DataFrame:
-    """Generate one partition on this worker's engine; every input row comes back once."""
+    """Generate one partition on this worker's engine and return it with its results.
+
+    Every input row comes back once; rows a chunk timeout stopped come back with ``error`` set.
+    """
     from distributed import get_worker
 
     from daskdp.plugin import get_engine
@@ -89,42 +199,62 @@ def generate_partition(
     worker = get_worker()
     partition = partition_info["number"] if partition_info else -1
     report = ProgressReporter(worker, request, partition, rank, len(part))
-    columns = engine.call(_generate, part, request, report, rank, partition)
-    columns.update(rank=np.full(len(part), rank), worker=np.full(len(part), worker.address, dtype=object))
-    return part.assign(
-        **{name: pd.array(columns[name], dtype=dtype) for name, dtype in RESULT_DTYPES.items()}
-    )
+    step = request.chunk_rows
+    chunks = [Chunk(i, part.iloc[start : start + step]) for i, start in enumerate(range(0, len(part), step))]
+    for chunk in engine.call(generate_chunks, chunks, request, report, lambda chunk: None):
+        chunk.give_up(f"stopped by the chunk timeout of {request.chunk_timeout:g} s")
+    report.send(final=True)
+    return pd.concat([chunk.results(rank, worker.address) for chunk in chunks])
 
 
 def generate_and_write(
     part: pd.DataFrame, request: GenerationRequest, output: str, partition_info: dict | None = None
 ) -> pd.DataFrame:
-    """Generate one partition and write it as its own shard; return a one-row summary.
+    """Generate one partition chunk by chunk, writing each chunk as it finishes.
 
-    A partition that times out writes nothing; its summary counts the rows left unfinished.
+    Returns one record per chunk: done, timed out (after ``request.retries`` further
+    attempts), or skipped because an earlier attempt at this partition, on a worker that
+    died, already wrote it.
     """
-    started = time.time()
+    from distributed import get_worker
+
+    from daskdp.plugin import get_engine
+
+    if part.empty:
+        return record_meta()
     partition = partition_info["number"] if partition_info else 0
-    summary = dict.fromkeys(SUMMARY_DTYPES, 0) | {
-        "partition": partition,
-        "rows": len(part),
-        "started": started,
-    }
-    try:
-        results = generate_partition(part, request, partition_info)
-    except PartitionTimeout as timeout:
-        summary.update(rank=timeout.rank, timed_out_rows=timeout.unfinished, worker="", path="")
-    else:
-        summary.update(
-            rank=int(results["rank"].iloc[0]) if len(results) else -1,
-            worker=str(results["worker"].iloc[0]) if len(results) else "",
-            path=write_shard(results, output, partition),
-            error_rows=int(results["error"].notna().sum()),
-            prompt_tokens=int(results["prompt_tokens"].sum()),
-            output_tokens=int(results["output_tokens"].sum()),
-        )
-    summary["finished"] = time.time()
-    return pd.DataFrame([summary]).astype(SUMMARY_DTYPES)
+    engine, rank = get_engine()
+    worker = get_worker().address
+    report = ProgressReporter(get_worker(), request, partition, rank, len(part))
+    written = checkpoint.done_chunks(output)
+    chunks, records = [], []
+    for number, rows in part.groupby(part.index.to_numpy() // request.chunk_rows, sort=True):
+        chunk = Chunk(int(number), rows)
+        if chunk.number in written:
+            records.append(chunk.record(rank, worker, partition, request.id_column) | {"status": SKIPPED})
+            report.advance(len(rows), 0)
+        else:
+            chunks.append(chunk)
+
+    def write(chunk: Chunk) -> dict[str, Any]:
+        record = chunk.record(rank, worker, partition, request.id_column)
+        return checkpoint.write_chunk(chunk.results(rank, worker), output, record, request.id_column)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="daskdp-write") as writer:
+        writes = []
+        for attempt in range(1, request.retries + 2):
+            stopped = engine.call(
+                generate_chunks, chunks, request, report, lambda c: writes.append(writer.submit(write, c))
+            )
+            if not stopped:
+                break
+            chunks = [Chunk(chunk.number, chunk.rows, attempt + 1) for chunk in stopped]
+        for chunk in stopped:
+            record = chunk.record(rank, worker, partition, request.id_column)
+            records.append(checkpoint.write_timed_out(output, record))
+        records.extend(write.result() for write in writes)
+    report.send(final=True)
+    return pd.DataFrame(records)[list(RECORD_DTYPES)].astype(RECORD_DTYPES)
 
 
 class ProgressReporter:
@@ -134,81 +264,83 @@ class ProgressReporter:
         self.worker = worker
         self.interval = request.progress_interval
         self.message = {"run": request.run_id, "partition": partition, "rank": rank, "total": total}
+        self.done = self.output_tokens = 0
         self.last = 0.0
 
-    def __call__(self, done: int, output_tokens: int, final: bool = False) -> None:
+    def advance(self, rows: int, output_tokens: int) -> None:
+        self.done += rows
+        self.output_tokens += output_tokens
+
+    def send(self, final: bool = False) -> None:
         now = time.monotonic()
         if final or now - self.last >= self.interval:
             self.last = now
-            message = {**self.message, "done": done, "output_tokens": output_tokens, "final": final}
+            message = {**self.message, "done": self.done, "output_tokens": self.output_tokens, "final": final}
             self.worker.log_event(PROGRESS_TOPIC, message)
 
 
-def _generate(
+def generate_chunks(
     llm: LLM,
-    part: pd.DataFrame,
+    chunks: list[Chunk],
     request: GenerationRequest,
-    report: Callable[..., None],
-    rank: int,
-    partition: int,
-) -> dict[str, np.ndarray]:
-    """Runs on the engine's thread: render, validate, enqueue, step until done."""
-    n = len(part)
-    errors = np.full(n, None, dtype=object)
-    token_ids = _tokenize(llm, part, request, errors)
-    params = _sampling_params(part, request, errors)
-    texts = np.full(n, None, dtype=object)
-    finish = np.full(n, None, dtype=object)
-    output_tokens = np.zeros(n, dtype=np.int64)
-    started_at = time.time()
-    finished_at = np.full(n, np.nan)
-    first_token = np.full(n, np.nan)
-    queued = np.full(n, np.nan)
-    prompt_tokens = np.array([len(ids) if ids is not None else 0 for ids in token_ids], dtype=np.int64)
+    report: ProgressReporter,
+    on_finished: Callable[[Chunk], Any],
+) -> list[Chunk]:
+    """Runs on the engine's thread: generate ``chunks``, handing each to ``on_finished`` when done.
 
-    rows = [i for i in range(n) if errors[i] is None]
-    pending = _enqueue(llm, rows, token_ids, params, errors)
+    The engine is kept full across chunk boundaries: the next chunk is added while fewer
+    than two batches' worth of requests are in it. The oldest unfinished chunk is stopped
+    (its requests aborted, so the rank moves on) once it has been oldest for longer than
+    ``request.chunk_timeout``; stopped chunks are returned.
+    """
     engine = llm.llm_engine
-    deadline = time.monotonic() + request.partition_timeout if request.partition_timeout else None
-    done = n - len(pending)
-    produced = 0
-    report(done, produced)
+    lookahead = 2 * engine.vllm_config.scheduler_config.max_num_seqs
+    waiting = deque(chunks)
+    running: dict[int, Chunk] = {}  # in the order they were added
+    owners: dict[str, Chunk] = {}
+    stopped = []
     try:
-        while pending and engine.has_unfinished_requests():
+        while waiting or running:
+            while waiting and len(owners) < lookahead:
+                chunk = waiting.popleft()
+                chunk.enqueue(llm, request)
+                report.advance(len(chunk.rows) - len(chunk.pending), 0)
+                if chunk.pending:
+                    running[chunk.number] = chunk
+                    owners.update(dict.fromkeys(chunk.pending, chunk))
+                else:
+                    on_finished(chunk)
+            if not running:
+                continue
+            if not engine.has_unfinished_requests():  # never expected: the engine lost requests
+                for chunk in running.values():
+                    chunk.give_up("the engine returned no output")
+                    on_finished(chunk)
+                running.clear()
+                owners.clear()
+                continue
+            oldest = next(iter(running.values()))
+            oldest.head_since = oldest.head_since or time.monotonic()
             for output in engine.step():
-                if not output.finished or output.request_id not in pending:
+                chunk = owners.pop(output.request_id, None) if output.finished else None
+                if chunk is None:
                     continue
-                i = pending.pop(output.request_id)
-                completion = output.outputs[0]
-                texts[i] = completion.text
-                output_tokens[i] = len(completion.token_ids)
-                finish[i] = completion.finish_reason
-                finished_at[i] = time.time()
-                if output.metrics is not None:  # with the engine's stats on (disable_log_stats=False)
-                    first_token[i] = output.metrics.first_token_latency
-                    queued[i] = output.metrics.scheduled_ts - output.metrics.queued_ts
-                done += 1
-                produced += len(completion.token_ids)
-            report(done, produced)
-            if deadline is not None and time.monotonic() > deadline:
-                raise PartitionTimeout(rank, partition, request.partition_timeout, len(pending))
+                report.advance(1, chunk.finish_row(output.request_id, output))
+                if not chunk.pending:
+                    del running[chunk.number]
+                    on_finished(chunk)
+            report.send()
+            timeout = request.chunk_timeout
+            if timeout is not None and oldest.pending and time.monotonic() - oldest.head_since > timeout:
+                engine.abort_request(list(oldest.pending))
+                for request_id in oldest.pending:
+                    del owners[request_id]
+                del running[oldest.number]
+                stopped.append(oldest)
     finally:
-        if pending:
-            engine.abort_request(list(pending))
-    for i in pending.values():
-        errors[i] = "the engine returned no output"
-    report(done, produced, final=True)
-    return {
-        "generated_text": texts,
-        "prompt_tokens": prompt_tokens,
-        "output_tokens": output_tokens,
-        "finish_reason": finish,
-        "error": errors,
-        "started_at": np.full(n, started_at),
-        "finished_at": finished_at,
-        "time_to_first_token": first_token,
-        "queue_seconds": queued,
-    }
+        if owners:  # an error, or the worker closing: leave the engine empty for the next task
+            engine.abort_request(list(owners))
+    return stopped
 
 
 def _tokenize(llm: LLM, part: pd.DataFrame, request: GenerationRequest, errors: np.ndarray) -> list:

@@ -1,16 +1,17 @@
-"""Read and check prompts, spread them over ranks, and write result shards atomically."""
+"""Read and check prompts, fingerprint them, spread their chunks over ranks, check the output."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from daskdp.checkpoint import CHUNKS_DIR, MANIFEST_FILE, Layout
 from daskdp.errors import UserError
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ FORMATS = {
     ".csv": "csv",
 }
 COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst"}
-SHARD_PATTERN = "part-{:05d}.parquet"
 SUMMARY_FILE = "_summary.json"
 REPORT_FILE = "_report.html"  # "_": Parquet readers skip it, as they skip the summary
 
@@ -54,15 +54,37 @@ class Prompts:
     source: str
     format: str
 
-    def row_counts(self) -> list[int]:
-        """Rows in each input partition, counted on the workers; refuses an empty input."""
+    def survey(self) -> tuple[list[int], str]:
+        """Rows in each input partition and a fingerprint of their content, read on the workers.
+
+        Refuses an input that is empty or cannot be read.
+        """
         try:
-            lengths = [int(n) for n in self.frame.map_partitions(len).compute()]
+            surveyed = self.frame.map_partitions(_survey, meta=_SURVEY_META).compute()
         except Exception as e:
             raise UserError(unreadable(self.source, self.format, e)) from None
+        lengths = [int(n) for n in surveyed["rows"]]
         if not sum(lengths):
             raise UserError(f"{self.source} has no rows; there is nothing to generate")
-        return lengths
+        fingerprint = hashlib.sha256("\n".join(surveyed["digest"]).encode()).hexdigest()
+        return lengths, fingerprint
+
+
+_SURVEY_META = pd.DataFrame({"rows": pd.Series(dtype="int64"), "digest": pd.Series(dtype=object)})
+
+
+def _survey(part: pd.DataFrame) -> pd.DataFrame:
+    """One partition's row count and a digest of its rows (index ignored, order kept)."""
+    hashable = part.assign(
+        **{
+            name: part[name].map(repr)  # chat messages are lists, which pandas cannot hash
+            for name in part.columns
+            if pd.api.types.is_object_dtype(part[name].dtype)
+        }
+    )
+    hashes = pd.util.hash_pandas_object(hashable, index=False).to_numpy()
+    digest = hashlib.sha256(",".join(map(str, part.columns)).encode() + hashes.tobytes()).hexdigest()
+    return pd.DataFrame({"rows": [len(part)], "digest": [digest]})
 
 
 def read_prompts(source: str, input_config: dict[str, Any]) -> Prompts:
@@ -133,8 +155,10 @@ def check_columns(meta: pd.DataFrame, source: str, input_config: dict[str, Any])
             )
 
 
-def balance(df: dd.DataFrame, lengths: list[int], parts: int, id_column: str) -> dd.DataFrame:
-    """Spread rows over ``parts`` partitions differing by at most one row.
+def balance(
+    df: dd.DataFrame, lengths: list[int], layout: Layout, chunks: list[int], parts: int, id_column: str
+) -> dd.DataFrame:
+    """The rows of ``chunks`` in ``parts`` partitions of whole chunks, as even as chunks allow.
 
     The index becomes ``row``, each row's position in the input; without an ``id_column``
     the position is also the row's id.
@@ -148,9 +172,15 @@ def balance(df: dd.DataFrame, lengths: list[int], parts: int, id_column: str) ->
     indexed = nonempty.set_index("row", sorted=True, divisions=known)
     if id_column not in indexed.columns:
         indexed = indexed.assign(**{id_column: indexed.index})
-    parts = min(parts, total)
-    bounds = [total * i // parts for i in range(parts)] + [total - 1]
+    if len(chunks) < layout.chunks:
+        indexed = indexed.map_partitions(_only_chunks, layout.chunk_rows, np.asarray(chunks))
+    groups = np.array_split(np.asarray(sorted(chunks)), min(parts, len(chunks)))
+    bounds = [0] + [int(group[0]) * layout.chunk_rows for group in groups[1:]] + [total - 1]
     return indexed.repartition(divisions=bounds)
+
+
+def _only_chunks(part: pd.DataFrame, chunk_rows: int, chunks: np.ndarray) -> pd.DataFrame:
+    return part[np.isin(part.index.to_numpy() // chunk_rows, chunks)]
 
 
 def _add_positions(part: pd.DataFrame, offsets, partition_info=None) -> pd.DataFrame:
@@ -172,8 +202,8 @@ def default_output(source: str) -> str:
     return posixpath.join(directory, f"{stem}.out")
 
 
-def check_output(output: str, overwrite: bool) -> None:
-    """Refuse an output that is a file, or a non-empty directory unless ``overwrite``."""
+def check_output(output: str, resume: bool, overwrite: bool) -> None:
+    """Refuse an output that is a file, holds other files, or holds results without a flag."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(output)
@@ -182,17 +212,24 @@ def check_output(output: str, overwrite: bool) -> None:
     if not fs.isdir(path):
         raise UserError(f"output {output} is a file, not a directory; choose another -o/--output")
     entries = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
-    if entries and not overwrite:
-        raise UserError(
-            f"output directory {output} is not empty; pass --overwrite to replace its results "
-            "or choose another -o/--output"
-        )
     foreign = [e for e in entries if not _is_daskdp_file(e)]
     if foreign:
         raise UserError(
             f"output directory {output} holds files daskdp did not write ({', '.join(foreign[:3])}); "
             "choose another -o/--output"
         )
+    if entries and not (resume or overwrite):
+        raise UserError(
+            f"output directory {output} holds the results of an earlier run; pass --resume to "
+            "continue it, --overwrite to replace it, or choose another -o/--output"
+        )
+
+
+def has_results(output: str) -> bool:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(output)
+    return fs.exists(path) and bool(fs.ls(path, detail=False))
 
 
 def clear_output(output: str) -> None:
@@ -202,45 +239,13 @@ def clear_output(output: str) -> None:
     fs, path = fsspec.core.url_to_fs(output)
     if fs.exists(path):
         for entry in fs.ls(path, detail=False):
-            fs.rm(entry)
+            fs.rm(entry, recursive=True)
 
 
 def _is_daskdp_file(name: str) -> bool:
-    return name in (SUMMARY_FILE, REPORT_FILE) or (name.startswith("part-") and ".parquet" in name)
-
-
-def write_shard(frame: pd.DataFrame, output: str, partition: int) -> str:
-    """Write one partition's results as ``part-NNNNN.parquet``, atomically."""
-    import fsspec
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    fs, path = fsspec.core.url_to_fs(output)
-    fs.makedirs(path, exist_ok=True)
-    final = posixpath.join(path, SHARD_PATTERN.format(partition))
-    temporary = f"{final}.tmp-{uuid.uuid4().hex}"
-    try:
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-    except (pa.ArrowTypeError, pa.ArrowInvalid):
-        table = pa.Table.from_pandas(_storable(frame), preserve_index=False)
-    with fs.open(temporary, "wb") as f:
-        pq.write_table(table, f)
-    fs.mv(temporary, final)
-    return final
-
-
-def _storable(frame: pd.DataFrame) -> pd.DataFrame:
-    """Object columns that mix types (a number among prompts) as strings, nulls kept."""
-    import pyarrow as pa
-
-    columns = {}
-    for name in frame.columns:
-        if pd.api.types.is_object_dtype(frame[name].dtype):
-            try:
-                pa.array(frame[name], from_pandas=True)
-            except (pa.ArrowTypeError, pa.ArrowInvalid):
-                columns[name] = frame[name].map(str, na_action="ignore").astype("string")
-    return frame.assign(**columns)
+    if name in (SUMMARY_FILE, REPORT_FILE, MANIFEST_FILE, CHUNKS_DIR):
+        return True
+    return name.lstrip(".").startswith("part-") and ".parquet" in name
 
 
 def write_summary(summary: dict[str, Any], output: str) -> None:

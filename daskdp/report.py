@@ -1,5 +1,7 @@
 """Look at a finished run: the tables and figures behind ``daskdp report`` and the notebook.
 
+The summary's chunks, ranks and speed are this invocation's (a resumed run shows what it
+generated itself); the lengths, finish reasons and error rows are the whole output's.
 Figures are plain :class:`matplotlib.figure.Figure` objects, drawn without pyplot (no global
 state, no display needed); matplotlib is imported only by the functions that draw.
 """
@@ -18,14 +20,17 @@ import pandas as pd
 
 from daskdp import io
 from daskdp.errors import UserError
-from daskdp.generation import RESULT_DTYPES
+from daskdp.generation import RESULT_DTYPES, result_meta
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 # What the figures and the error table need: no prompts or generated text, so a large run fits in memory.
 ANALYSIS_COLUMNS = ["id", "rank", "prompt_tokens", "output_tokens", "finish_reason", "error", "finished_at"]
+CHUNK_COLUMNS = ["chunk", "rank", "worker", "rows", "error_rows", "output_tokens", "started", "finished"]
 MAX_TIMELINE_POINTS = 100_000
+MAX_LABELLED_CHUNKS = 40
+MAX_LANES = 8
 ERROR_ROWS_SHOWN = 100
 
 
@@ -43,6 +48,8 @@ def load(path: str | os.PathLike, columns: list[str] | None = None) -> tuple[pd.
     --------
     >>> results, summary = daskdp.report.load("prompts.out")  # doctest: +SKIP
     """
+    import dask.dataframe as dd
+
     from daskdp.api import read_results, read_summary
 
     try:
@@ -52,7 +59,10 @@ def load(path: str | os.PathLike, columns: list[str] | None = None) -> tuple[pd.
             f"{os.fspath(path)} is not the output of a finished daskdp run (no {io.SUMMARY_FILE}); "
             "give the -o/--output directory of `daskdp run`"
         ) from None
-    frame = read_results(path)
+    try:
+        frame = read_results(path)
+    except FileNotFoundError:  # no chunk finished: every one timed out
+        frame = dd.from_pandas(result_meta(pd.DataFrame({"id": pd.Series(dtype=object)})), npartitions=1)
     if columns is not None:
         frame = frame[[c for c in columns if c in frame.columns]]
     return frame.compute().reset_index(drop=True), summary
@@ -61,13 +71,19 @@ def load(path: str | os.PathLike, columns: list[str] | None = None) -> tuple[pd.
 def summary_table(summary: dict[str, Any]) -> pd.DataFrame:
     """The run's totals and each rank's share, one row each.
 
-    The run's ``seconds`` are its wall time (cluster start and engine loading included); a
-    rank's are its busy time, generating and writing its partitions.
+    The run's ``rows`` are the input's: ``generated`` by this invocation, ``skipped`` because
+    the earlier run it resumed had finished them, or ``timed out``; its ``error rows`` are
+    the whole output's. Its ``seconds`` are its wall time (cluster start and engine loading
+    included); a rank's are its busy time, while it had a chunk to generate or write.
     """
     per_rank = _per_rank(summary)
     run = {
         "rows": summary["rows"],
+        "generated": summary["rows_generated"],
+        "skipped": summary["rows_skipped"],
+        "timed out": summary["timed_out_rows"],
         "error rows": summary["error_rows"],
+        "chunks": len(summary["chunks"]),
         "prompt tokens": summary["prompt_tokens"],
         "output tokens": summary["output_tokens"],
         "seconds": summary["wall_seconds"],
@@ -75,15 +91,16 @@ def summary_table(summary: dict[str, Any]) -> pd.DataFrame:
     }
     ranks = pd.DataFrame(
         {
-            "rows": per_rank["rows"],
+            "generated": per_rank["rows"],
             "error rows": per_rank["error_rows"],
+            "chunks": per_rank["chunks"],
             "output tokens": per_rank["output_tokens"],
             "seconds": per_rank["busy_seconds"],
             "output tok/s": per_rank["tokens_per_second"],
         }
     ).set_axis([f"rank {rank} (busy)" for rank in per_rank.index])
     table = pd.concat([pd.DataFrame([run], index=["run (wall)"]), ranks])
-    counts = ["rows", "error rows", "prompt tokens", "output tokens"]
+    counts = [column for column in run if column not in ("seconds", "output tok/s")]
     return table.astype(dict.fromkeys(counts, "Int64")).round({"seconds": 1, "output tok/s": 1})
 
 
@@ -93,61 +110,82 @@ def format_table(table: pd.DataFrame) -> str:
 
 
 def timeline_figure(results: pd.DataFrame, summary: dict[str, Any]) -> Figure:
-    """Which partition ran when on which rank, with each row's finish time as a point.
+    """Which chunk ran when on which rank, with each row's finish time as a point.
 
-    Idle ranks show as gaps after their bars, stragglers as bars that end late. Rows without
-    a finish time (error rows) have no point; above 100,000 rows a random sample is drawn.
+    A rank keeps its engine full across chunk boundaries, so its chunks overlap in time: each
+    chunk is a thin bar in a lane of its rank's band, no two overlapping in a lane (up to 8
+    lanes; beyond that, a chunk shares the lane that freed first). Idle ranks show as gaps,
+    stragglers as bars that end late. Chunks are numbered when there are at most 40; rows an
+    earlier run finished have no point, and above 100,000 points a random sample is drawn.
     """
     from matplotlib.figure import Figure
 
-    partitions = pd.DataFrame(summary["partitions"])
-    ranks = sorted(int(rank) for rank in summary["ranks"])
-    start = partitions["started"].min()
-    span = partitions["finished"].max() - start
-    fig = Figure(figsize=(9, 1.6 + 0.45 * len(ranks)), layout="constrained")
+    chunks = _chunks(summary)
+    if chunks.empty:
+        return _message_figure("Chunks on ranks", _nothing_generated(summary))
+    ranks = sorted(chunks["rank"].unique())
+    position = {rank: i for i, rank in enumerate(ranks)}
+    chunks["lane"] = _lanes(chunks)
+    lanes = chunks.groupby("rank")["lane"].transform("max") + 1
+    chunks["height"] = 0.8 / lanes
+    chunks["y"] = chunks["rank"].map(position) - 0.4 + chunks["lane"] * chunks["height"]
+    start = chunks["started"].min()
+    span = chunks["finished"].max() - start
+    labelled = len(chunks) <= MAX_LABELLED_CHUNKS
+
+    fig = Figure(figsize=(9, 1.6 + len(ranks) * (0.25 + 0.12 * lanes.max())), layout="constrained")
     ax = fig.subplots()
-    for part in partitions.itertuples():
+    for (_, lane), bars in chunks.groupby(["rank", "lane"]):
         ax.broken_barh(
-            [(part.started - start, part.finished - part.started)],
-            (part.rank - 0.35, 0.7),
-            facecolor="#c6dbef",
-            edgecolor="#3182bd",
+            list(zip(bars["started"] - start, bars["finished"] - bars["started"], strict=True)),
+            (bars["y"].iloc[0], bars["height"].iloc[0] * 0.85),
+            facecolor=("#9ecae1", "#4292c6")[lane % 2],
+            edgecolor="white" if labelled else "none",
+            linewidth=0.5,
         )
-        ax.annotate(
-            f"partition {part.partition}",
-            (part.started - start, part.rank - 0.35),
-            xytext=(2, 2),
-            textcoords="offset points",
-            va="bottom",
-            fontsize=8,
-        )
+    if labelled:
+        for bar in chunks.itertuples():
+            ax.annotate(
+                str(bar.chunk),
+                (bar.started - start, bar.y + bar.height * 0.425),
+                xytext=(2, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=6,
+                annotation_clip=True,
+            )
     finished = _numbers(results, ["rank", "finished_at"]).dropna()
+    finished = finished[finished["finished_at"] >= summary["started"]]  # this invocation's rows
     if len(finished) > MAX_TIMELINE_POINTS:
         finished = finished.sample(MAX_TIMELINE_POINTS, random_state=0)
-    jitter = np.random.default_rng(0).uniform(-0.25, 0.25, len(finished))
+    jitter = np.random.default_rng(0).uniform(-0.4, 0.4, len(finished))
     ax.plot(
         finished["finished_at"] - start,
-        finished["rank"] + jitter,
+        finished["rank"].map(position) + jitter,
         ".",
         color="#e6550d",
-        markersize=3,
-        alpha=0.6,
+        markersize=2,
+        alpha=0.5,
         label=f"a row finished ({len(finished):,} rows)",
     )
-    ax.set_yticks(ranks, [f"rank {rank}" for rank in ranks])
-    ax.set_ylim(max(ranks) + 0.6, min(ranks) - 0.6)
+    ax.set_yticks(range(len(ranks)), [f"rank {rank}" for rank in ranks])
+    ax.set_ylim(len(ranks) - 0.5, -0.5)
     ax.set_xlim(left=0)
-    ax.set_xlabel("seconds since the first partition started")
-    ax.set_title(f"Partitions on ranks: {span:,.1f} s generating, {summary['wall_seconds']:,.1f} s wall time")
+    ax.set_xlabel("seconds since the first chunk started")
+    ax.set_title(
+        f"{len(chunks):,} chunks on ranks: {span:,.1f} s generating, {summary['wall_seconds']:,.1f} s wall time"
+    )
     fig.legend(loc="outside lower right", fontsize=8, frameon=False)
     return fig
 
 
 def throughput_figure(summary: dict[str, Any]) -> Figure:
-    """Output tokens per second of busy time, per rank."""
+    """Output tokens per second of busy time, per rank, from the chunks it generated."""
     from matplotlib.figure import Figure
 
     per_rank = _per_rank(summary)
+    if per_rank.empty:
+        return _message_figure("Output tokens per second per rank", _nothing_generated(summary))
     fig = Figure(figsize=(max(4.5, 1 + 0.6 * len(per_rank)), 3.5), layout="constrained")
     ax = fig.subplots()
     bars = ax.bar([f"rank {rank}" for rank in per_rank.index], per_rank["tokens_per_second"], color="#3182bd")
@@ -187,6 +225,8 @@ def finish_reasons_figure(results: pd.DataFrame) -> Figure:
     """Rows by finish reason (``stop``, ``length``), error rows counted as ``error``."""
     from matplotlib.figure import Figure
 
+    if results.empty:
+        return _message_figure("Finish reasons", "No rows in the results: no chunk has finished")
     reasons = results["finish_reason"].astype(object).where(results["error"].isna(), "error")
     counts = reasons.fillna("none").value_counts().sort_values()
     fig = Figure(figsize=(6, 1.4 + 0.4 * len(counts)), layout="constrained")
@@ -218,7 +258,7 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
     """Write ``_report.html`` into the results directory ``path``; return where it is.
 
     The report is one self-contained file: the summary table, the figures as embedded PNGs,
-    the error rows and a sample of generations from the first shard. Only the columns the
+    the error rows and a sample of generations from the first chunk. Only the columns the
     figures need are read in full, so large runs fit in memory.
 
     Examples
@@ -231,11 +271,18 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
     from daskdp.api import read_results
 
     results, summary = load(path, ANALYSIS_COLUMNS)
-    sample = sample_table(read_results(path).partitions[0].compute(), sample_rows)
+    if len(results):
+        sample = sample_table(read_results(path).partitions[0].compute(), sample_rows)
+        samples = (
+            f"<p>{len(sample):,} rows without an error from the first chunk, beside their input.</p>"
+            + sample.to_html(index=False, na_rep="")
+        )
+    else:
+        samples = "<p>None: no chunk has finished.</p>"
     errors = error_table(results)
     started = datetime.datetime.fromtimestamp(summary["started"]).astimezone()
     figures = [
-        ("Ranks over time", _TIMELINE_NOTE, timeline_figure(results, summary)),
+        ("Chunks on ranks over time", _TIMELINE_NOTE, timeline_figure(results, summary)),
         ("Throughput per rank", _THROUGHPUT_NOTE, throughput_figure(summary)),
         ("Prompt and output lengths", _LENGTHS_NOTE, lengths_figure(results)),
         ("Finish reasons", _REASONS_NOTE, finish_reasons_figure(results)),
@@ -248,6 +295,7 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
                 "input": summary["input"],
                 "model": summary["model"],
                 "started": started.isoformat(sep=" ", timespec="seconds"),
+                "chunks": f"of {summary['chunk_rows']:,} rows",
                 "sampling": _settings(summary["sampling"]),
                 "engine": _settings(summary["engine"]),
             }
@@ -258,8 +306,7 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
         f"<h2>Error rows ({len(errors):,}{shown})</h2>",
         errors.head(ERROR_ROWS_SHOWN).to_html(index=False) if len(errors) else "<p>None.</p>",
         "<h2>Sample of generations</h2>",
-        f"<p>{len(sample):,} rows without an error from the first shard, beside their input.</p>",
-        sample.to_html(index=False, na_rep=""),
+        samples,
     ]
     page = _PAGE.format(title=html.escape(f"daskdp report: {summary['output']}"), body="\n".join(sections))
     target = f"{os.fspath(path).rstrip('/')}/{io.REPORT_FILE}"
@@ -268,15 +315,76 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
     return target
 
 
+def _chunks(summary: dict[str, Any]) -> pd.DataFrame:
+    """The chunks this invocation generated, one row each."""
+    return pd.DataFrame(summary["chunks"], columns=CHUNK_COLUMNS).astype(
+        {
+            "rank": int,
+            "rows": int,
+            "error_rows": int,
+            "output_tokens": int,
+            "started": float,
+            "finished": float,
+        }
+    )
+
+
 def _per_rank(summary: dict[str, Any]) -> pd.DataFrame:
-    """Rows, error rows, output tokens, busy seconds and output tokens/s by rank."""
-    partitions = pd.DataFrame(summary["partitions"])
-    sums = partitions.groupby("rank")[["error_rows", "output_tokens"]].sum()
-    ranks = pd.DataFrame.from_dict(summary["ranks"], orient="index")
-    ranks.index = ranks.index.astype(int)
-    per_rank = ranks.join(sums).sort_index()
-    busy = per_rank["busy_seconds"]
-    return per_rank.assign(tokens_per_second=(per_rank["output_tokens"] / busy.where(busy > 0)).fillna(0.0))
+    """Rows, chunks, error rows, output tokens, busy seconds and output tokens/s by rank."""
+    per_rank = (
+        _chunks(summary)
+        .groupby("rank")
+        .agg(
+            rows=("rows", "sum"),
+            chunks=("chunk", "size"),
+            error_rows=("error_rows", "sum"),
+            output_tokens=("output_tokens", "sum"),
+        )
+    )
+    busy = {int(rank): stats["busy_seconds"] for rank, stats in summary["ranks"].items()}
+    per_rank["busy_seconds"] = per_rank.index.map(busy).astype(float)
+    rate = per_rank["output_tokens"] / per_rank["busy_seconds"].where(per_rank["busy_seconds"] > 0)
+    return per_rank.assign(tokens_per_second=rate.fillna(0.0))
+
+
+def _lanes(chunks: pd.DataFrame) -> np.ndarray:
+    """Each chunk's lane in its rank's band, so that no two chunks in a lane overlap in time.
+
+    Beyond ``MAX_LANES`` lanes, a chunk goes to its rank's lane that frees first.
+    """
+    ranks, started, finished = (chunks[c].to_numpy() for c in ("rank", "started", "finished"))
+    lanes = np.zeros(len(chunks), dtype=int)
+    ends: dict[int, list[float]] = {}  # by rank, when each lane's last chunk finishes
+    for i in np.argsort(started, kind="stable"):
+        rank_ends = ends.setdefault(ranks[i], [])
+        lane = next((k for k, end in enumerate(rank_ends) if end <= started[i]), None)
+        if lane is None and len(rank_ends) < MAX_LANES:
+            lane = len(rank_ends)
+            rank_ends.append(finished[i])
+        elif lane is None:
+            lane = int(np.argmin(rank_ends))
+        rank_ends[lane] = max(rank_ends[lane], finished[i])
+        lanes[i] = lane
+    return lanes
+
+
+def _nothing_generated(summary: dict[str, Any]) -> str:
+    return (
+        f"No chunk finished in this run: {summary['rows_skipped']:,} of {summary['rows']:,} rows "
+        f"had been finished by an earlier run, {summary['timed_out_rows']:,} timed out"
+    )
+
+
+def _message_figure(title: str, message: str) -> Figure:
+    """A figure that says why there is nothing to draw."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 1.6), layout="constrained")
+    ax = fig.subplots()
+    ax.set_axis_off()
+    ax.set_title(title)
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
+    return fig
 
 
 def _numbers(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -311,10 +419,14 @@ def _definitions(items: dict[str, str]) -> str:
 
 
 _TIMELINE_NOTE = (
-    "Each bar is one partition on the rank that generated it; each dot is a row finishing. "
-    "A rank with nothing after its bar was idle while others worked; a bar ending late is a straggler."
+    "The chunks this run generated: each bar is one chunk (numbered when there are few) in a lane "
+    "of the rank that generated it; a rank's chunks overlap because it starts the next chunk while "
+    "the last rows of one finish. Each dot is a row finishing. A rank with nothing after its bars "
+    "was idle while others worked; bars ending late are stragglers."
 )
-_THROUGHPUT_NOTE = "Output tokens generated by each rank, divided by the seconds its partitions ran."
+_THROUGHPUT_NOTE = (
+    "Output tokens each rank generated in this run, divided by the seconds it had a chunk running."
+)
 _LENGTHS_NOTE = "Tokens in each prompt (after the chat template) and in each output; error rows left out."
 _REASONS_NOTE = "<code>stop</code>: EOS or a stop string; <code>length</code>: the max-tokens limit."
 _PAGE = """<!DOCTYPE html>

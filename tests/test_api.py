@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
+import dask.dataframe as dd
 import pandas as pd
 import pytest
 
@@ -15,7 +17,8 @@ EXAMPLES = REPO / "examples" / "prompts.jsonl"
 
 
 @pytest.fixture(scope="module")
-def cli_results(tmp_path_factory, cluster):
+def cli_run(tmp_path_factory, cluster):
+    """The examples through `daskdp run` on the shared cluster, in chunks of 16 rows."""
     _, client = cluster
     out = tmp_path_factory.mktemp("cli") / "out"
     done = daskdp_cli(
@@ -27,10 +30,17 @@ def cli_results(tmp_path_factory, cluster):
         client.scheduler.address,
         "--max-tokens",
         12,
+        "--chunk-size",
+        16,
         "--quiet",
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return read_results(out).set_index("id").sort_index()
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli_results(cli_run):
+    return read_results(cli_run).set_index("id").sort_index()
 
 
 def test_generate_gives_the_same_rows_as_the_cli(cluster, cli_results):
@@ -49,8 +59,35 @@ def test_usual_dask_calls_work(cluster, tmp_path):
     results = daskdp.generate(frame, client=client, max_tokens=3, ignore_eos=True)
     assert len(results.head(2, npartitions=-1)) == 2
     results.to_parquet(tmp_path / "out")
-    written = daskdp.read_results(tmp_path / "out").compute()
+    written = dd.read_parquet(tmp_path / "out").compute()
     assert sorted(written["label"]) == list("abcdef") and (written["output_tokens"] == 3).all()
+
+
+def test_read_results_reads_the_chunk_files_only(cli_run, tmp_path):
+    """One partition per chunk file, in chunk order; `_chunks/` and hidden temporary files are not read."""
+    out = tmp_path / "out"
+    shutil.copytree(cli_run, out)
+    chunk_files = sorted(out.glob("part-*.parquet"))
+    shutil.copy(chunk_files[0], out / "_chunks" / "stray.parquet")  # dd.read_parquet(out) would read it
+    shutil.copy(chunk_files[1], out / f".{chunk_files[1].name}.tmp-0123abcd")  # a write in progress
+
+    results = daskdp.read_results(out)
+    assert results.npartitions == len(chunk_files) > 1
+    computed = results.compute().reset_index(drop=True)
+    pd.testing.assert_frame_equal(computed, read_results(cli_run), check_dtype=False)  # Dask: string[pyarrow]
+
+    manifest = daskdp.read_manifest(out)
+    assert manifest["rows"] == 200 and manifest["chunks"] == len(chunk_files)
+    assert (
+        manifest["input"] == str(EXAMPLES)
+        and manifest["settings"]["model"] == daskdp.read_summary(out)["model"]
+    )
+
+
+def test_read_results_of_no_run(tmp_path):
+    (tmp_path / "_summary.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="holds no part-"):
+        daskdp.read_results(tmp_path)
 
 
 def test_run_prints_nothing_from_library_code(tmp_path, cluster):

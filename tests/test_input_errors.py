@@ -151,15 +151,18 @@ def test_config_file_with_invalid_yaml(tmp_path, good_input):
     assert not (tmp_path / "out").exists()
 
 
-def test_non_empty_output_without_overwrite(tmp_path, good_input):
-    """Results of an earlier run are kept unless --overwrite is given; the message names it."""
+def test_non_empty_output_without_resume_or_overwrite(tmp_path, good_input):
+    """Results of an earlier run are kept unless --resume or --overwrite is given; the message
+    names both; --resume without a manifest to resume from is refused too."""
     out = tmp_path / "out"
     out.mkdir()
-    earlier = {"part-00000.parquet": b"earlier shard", "_summary.json": b'{"rows": 2}\n'}
+    earlier = {"part-000000.parquet": b"earlier shard", "_summary.json": b'{"rows": 2}\n'}
     for name, content in earlier.items():
         (out / name).write_bytes(content)
     done = daskdp_cli("run", good_input, "-o", out)
-    error_line(done, str(out), "not empty", "--overwrite")
+    error_line(done, str(out), "earlier run", "--resume", "--overwrite")
+    done = daskdp_cli("run", good_input, "-o", out, "--resume")
+    error_line(done, str(out), "no daskdp manifest", "--overwrite", cluster_started=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
 
 
