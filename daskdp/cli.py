@@ -63,6 +63,11 @@ def parser() -> argparse.ArgumentParser:
     )
     where.add_argument("--tensor-parallel-size", type=int, metavar="K", help="GPUs per rank")
     where.add_argument(
+        "--cluster",
+        choices=["local", "slurm", "pbs"],
+        help="where the ranks run: this host (default), or one SLURM/PBS job each (see conf/cluster/)",
+    )
+    where.add_argument(
         "--scheduler-address", metavar="ADDR", help="use a running Dask scheduler instead of a local cluster"
     )
     where.add_argument("--tls-ca-file", metavar="PEM", help="CA certificate for a tls:// scheduler")
@@ -117,6 +122,7 @@ def overrides(args: argparse.Namespace) -> dict:
     return {
         "model": args.model,
         "input.prompt-column": args.prompt_column,
+        "cluster.type": args.cluster,
         "cluster.workers": args.workers,
         "cluster.scheduler-address": args.scheduler_address,
         "engine.tensor-parallel-size": args.tensor_parallel_size,

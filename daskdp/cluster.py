@@ -19,7 +19,7 @@ from typing import Any
 
 import dask.config
 from dask.utils import parse_timedelta
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, SpecCluster
 from distributed.comm import CommClosedError
 from distributed.comm.addressing import parse_address
 from distributed.security import Security
@@ -281,14 +281,22 @@ def _passphrase_protected(key: str) -> bool:
     return bool(re.search(r"^-----BEGIN ENCRYPTED|^Proc-Type: 4,ENCRYPTED", text, re.MULTILINE))
 
 
-def connect(cluster_config: dict[str, Any], tensor_parallel_size: int) -> tuple[Client, LocalCluster | None]:
-    """A client on the configured scheduler, or on a new local cluster that the caller closes.
+def connect(cluster_config: dict[str, Any], tensor_parallel_size: int) -> tuple[Client, SpecCluster | None]:
+    """A client on the configured scheduler, or on a new cluster that the caller closes.
 
     The scheduler at ``cluster.scheduler-address`` is given ``distributed.comm.timeouts.connect``
     (30 s by default) to answer, or ``cluster.startup-timeout`` when shorter; a refused TLS
-    handshake fails at once.
+    handshake fails at once. ``cluster.type`` slurm or pbs submits one job per rank
+    (`daskdp.jobqueue`); local starts the ranks on this host.
     """
     address = cluster_config["scheduler-address"]
+    kind = cluster_config.get("type") or "local"
+    if address and kind != "local":
+        raise UserError(f"--scheduler-address and --cluster {kind} exclude each other; pass one")
+    if kind != "local":
+        from daskdp import jobqueue
+
+        return jobqueue.start(cluster_config, tensor_parallel_size)
     if address:
         security, named = client_security(cluster_config, address)
         timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="seconds")

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -227,14 +226,14 @@ def generate_and_write(
     worker = get_worker().address
     report = ProgressReporter(get_worker(), request, partition, rank, len(part))
     written = checkpoint.done_chunks(output)
-    chunks, records = [], []
+    todo, records = [], []
     for number, rows in part.groupby(part.index.to_numpy() // request.chunk_rows, sort=True):
-        chunk = Chunk(int(number), rows)
-        if chunk.number in written:
-            records.append(chunk.record(rank, worker, partition, request.id_column) | {"status": SKIPPED})
+        if number in written:
+            skipped = Chunk(int(number), rows).record(rank, worker, partition, request.id_column)
+            records.append(skipped | {"status": SKIPPED})
             report.advance(len(rows), 0)
         else:
-            chunks.append(chunk)
+            todo.append((int(number), rows))
 
     def write(chunk: Chunk) -> dict[str, Any]:
         record = chunk.record(rank, worker, partition, request.id_column)
@@ -243,12 +242,14 @@ def generate_and_write(
     with ThreadPoolExecutor(1, thread_name_prefix="daskdp-write") as writer:
         writes = []
         for attempt in range(1, request.retries + 2):
+            # Made as the engine takes them: a finished chunk is freed once it is written.
+            chunks = (Chunk(number, rows, attempt) for number, rows in todo)
             stopped = engine.call(
                 generate_chunks, chunks, request, report, lambda c: writes.append(writer.submit(write, c))
             )
+            todo = [(chunk.number, chunk.rows) for chunk in stopped]
             if not stopped:
                 break
-            chunks = [Chunk(chunk.number, chunk.rows, attempt + 1) for chunk in stopped]
         for chunk in stopped:
             record = chunk.record(rank, worker, partition, request.id_column)
             records.append(checkpoint.write_timed_out(output, record))
@@ -281,7 +282,7 @@ class ProgressReporter:
 
 def generate_chunks(
     llm: LLM,
-    chunks: list[Chunk],
+    chunks: Iterable[Chunk],
     request: GenerationRequest,
     report: ProgressReporter,
     on_finished: Callable[[Chunk], Any],
@@ -295,14 +296,18 @@ def generate_chunks(
     """
     engine = llm.llm_engine
     lookahead = 2 * engine.vllm_config.scheduler_config.max_num_seqs
-    waiting = deque(chunks)
+    waiting = iter(chunks)
+    exhausted = False
     running: dict[int, Chunk] = {}  # in the order they were added
     owners: dict[str, Chunk] = {}
     stopped = []
     try:
-        while waiting or running:
-            while waiting and len(owners) < lookahead:
-                chunk = waiting.popleft()
+        while not exhausted or running:
+            while not exhausted and len(owners) < lookahead:
+                chunk = next(waiting, None)
+                if chunk is None:
+                    exhausted = True
+                    break
                 chunk.enqueue(llm, request)
                 report.advance(len(chunk.rows) - len(chunk.pending), 0)
                 if chunk.pending:

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
 import dask
@@ -114,20 +115,18 @@ def run(
         )
         records = record_meta()
         if todo:
+            plan = Plan(prompts, lengths, layout, todo)
+            deadline = started + limits["timeout"] if limits["timeout"] else None
             records = generate(
                 client,
-                prompts,
-                lengths,
-                layout,
-                todo,
+                plan,
+                EnginePlugin(model, engine_args),
                 request,
                 output,
-                settings,
-                model,
-                engine_args,
-                planned,
-                progress,
-                started,
+                planned_ranks=planned,
+                startup_timeout=settings["cluster"]["startup-timeout"],
+                deadline=deadline,
+                progress=progress,
             )
     finally:
         client.close()
@@ -179,29 +178,44 @@ def prepare_output(
     return layout, checkpoint.verified_records(output, layout)
 
 
+@dataclass
+class Plan:
+    """What is left to generate: the input, its chunks, and the chunks not yet done."""
+
+    prompts: io.Prompts
+    lengths: list[int]
+    layout: checkpoint.Layout
+    todo: list[int]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.layout.chunk_size(chunk) for chunk in self.todo)
+
+    def partitions(self, ranks: int, id_column: str) -> dd.DataFrame:
+        """The chunks left to do, in one partition per rank."""
+        return io.balance(self.prompts.frame, self.lengths, self.layout, self.todo, ranks, id_column)
+
+
 def generate(
-    client,
-    prompts,
-    lengths,
-    layout,
-    todo,
-    request,
-    output,
-    settings,
-    model,
-    engine_args,
-    planned,
-    progress,
-    started,
+    client: Client,
+    plan: Plan,
+    plugin: EnginePlugin,
+    request: GenerationRequest,
+    output: str,
+    *,
+    planned_ranks: int,
+    startup_timeout: float,
+    deadline: float | None,
+    progress: TextIO | None,
 ) -> pd.DataFrame:
-    """Load the engines while the input is read and split, then generate ``todo``'s chunks."""
-    id_column = request.id_column
-    startup_timeout = settings["cluster"]["startup-timeout"]
+    """Load the engines while the input is read and split, then generate the plan's chunks.
+
+    Returns the chunk records of every partition.
+    """
     loader = ThreadPoolExecutor(1, thread_name_prefix="daskdp-load")
     try:
-        plugin = EnginePlugin(model, engine_args)
         loading = loader.submit(ensure_engines, client, plugin, startup_timeout)
-        balanced = client.persist(io.balance(prompts.frame, lengths, layout, todo, planned, id_column))
+        partitions = client.persist(plan.partitions(planned_ranks, request.id_column))
         try:
             ranks = loading.result(timeout=startup_timeout)
         except TimeoutError:
@@ -211,13 +225,11 @@ def generate(
             ) from None
     finally:
         loader.shutdown(wait=False)
-    if len(ranks) != planned:  # workers joined or left while the engines loaded
-        balanced = io.balance(prompts.frame, lengths, layout, todo, len(ranks), id_column)
-    results = balanced.map_partitions(generate_and_write, request, output, meta=record_meta())
-    rows = sum(layout.chunk_size(chunk) for chunk in todo)
-    monitor = Monitor(client, request.run_id, rows, progress, started, startup_timeout)
-    deadline = started + settings["run"]["timeout"] if settings["run"]["timeout"] else None
-    tensor_parallel_size = int(engine_args.get("tensor_parallel_size", 1))
+    if len(ranks) != planned_ranks:  # workers joined or left while the engines loaded
+        partitions = plan.partitions(len(ranks), request.id_column)
+    results = partitions.map_partitions(generate_and_write, request, output, meta=record_meta())
+    monitor = Monitor(client, request.run_id, plan.rows, progress, startup_timeout)
+    tensor_parallel_size = int(plugin.engine_args.get("tensor_parallel_size", 1))
     return monitor.wait(submit(client, results, ranks, tensor_parallel_size), deadline)
 
 
@@ -259,12 +271,10 @@ class Monitor:
         run_id: str,
         total_rows: int,
         stream: TextIO | None,
-        run_started: float,
         worker_wait: float,
     ):
         self.client = client
         self.run_id = run_id
-        self.run_started = run_started
         self.total_rows = total_rows
         self.stream = stream
         self.worker_wait = worker_wait
@@ -348,7 +358,7 @@ class Monitor:
                 for i in sorted(futures[f] for f in pending)
             )
             raise RunError(
-                f"the run passed its --timeout after {time.time() - self.run_started:.0f} s; unfinished: {where}",
+                f"the run passed its --timeout; unfinished: {where}",
                 resumable=True,
             )
 
