@@ -23,7 +23,9 @@ While it runs, the process is sampled every 0.2 s with psutil:
 Each run's wall time (process start to exit) and rows/s are reported, and its output is
 checked: the ``id`` column of every ``OUT/part-*.parquet`` file, read alone, holds each input id
 exactly once (no row missing, none duplicated), and no row has ``error`` set. A failed run or a
-missing or duplicated row ends the benchmark with exit code 1.
+missing or duplicated row ends the benchmark with exit code 1. The 1-minute load average before
+and after each run is printed too: the machine is shared, and above its core count other work
+ran beside the benchmark and slowed it (memory is not affected; times are).
 
 The result is a table, the client's RSS over each run (at 10%, 25%, 50%, 75% and 90% of its wall
 time and its peak, with when it peaked), the client's sampled peak in each phase of the run

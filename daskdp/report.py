@@ -29,12 +29,15 @@ if TYPE_CHECKING:
 ANALYSIS_COLUMNS = ["id", "rank", "prompt_tokens", "output_tokens", "finish_reason", "error", "finished_at"]
 CHUNK_COLUMNS = ["chunk", "rank", "worker", "rows", "error_rows", "output_tokens", "started", "finished"]
 MAX_TIMELINE_POINTS = 100_000
+MAX_REPORT_ROWS = 200_000  # the figures of larger runs read a sample of chunks
 MAX_LABELLED_CHUNKS = 40
 MAX_LANES = 8
 ERROR_ROWS_SHOWN = 100
 
 
-def load(path: str | os.PathLike, columns: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+def load(
+    path: str | os.PathLike, columns: list[str] | None = None, max_rows: int | None = None
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The results (a pandas DataFrame) and the summary of the run in ``path``.
 
     Parameters
@@ -43,6 +46,9 @@ def load(path: str | os.PathLike, columns: list[str] | None = None) -> tuple[pd.
         The output directory of a finished ``daskdp run``; any fsspec URL.
     columns
         Read only these result columns (those missing from the results are skipped).
+    max_rows
+        Read about this many rows at most: evenly spaced whole chunks, for figures of
+        distributions that need not read every row of a large run.
 
     Examples
     --------
@@ -65,6 +71,9 @@ def load(path: str | os.PathLike, columns: list[str] | None = None) -> tuple[pd.
         frame = dd.from_pandas(result_meta(pd.DataFrame({"id": pd.Series(dtype=object)})), npartitions=1)
     if columns is not None:
         frame = frame[[c for c in columns if c in frame.columns]]
+    if max_rows is not None and frame.npartitions * summary["chunk_rows"] > max_rows:
+        keep = max(1, max_rows // summary["chunk_rows"])
+        frame = frame.partitions[np.linspace(0, frame.npartitions - 1, keep).round().astype(int).tolist()]
     return frame.compute().reset_index(drop=True), summary
 
 
@@ -270,7 +279,7 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
 
     from daskdp.api import read_results
 
-    results, summary = load(path, ANALYSIS_COLUMNS)
+    results, summary = load(path, ANALYSIS_COLUMNS, max_rows=MAX_REPORT_ROWS)
     if len(results):
         sample = sample_table(read_results(path).partitions[0].compute(), sample_rows)
         samples = (
@@ -279,7 +288,12 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
         )
     else:
         samples = "<p>None: no chunk has finished.</p>"
-    errors = error_table(results)
+    if len(results):  # every error row, not only those of the sample
+        every = read_results(path)
+        errors = error_table(every[every["error"].notnull()].compute())
+    else:
+        errors = error_table(results)
+    sampled = len(results) < summary["rows_done"]
     started = datetime.datetime.fromtimestamp(summary["started"]).astimezone()
     figures = [
         ("Chunks on ranks over time", _TIMELINE_NOTE, timeline_figure(results, summary)),
@@ -302,6 +316,10 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
         ),
         "<h2>Summary</h2>",
         _as_text(summary_table(summary)).to_html(),
+        f"<p>The figures below read {len(results):,} of the {summary['rows_done']:,} rows: whole chunks "
+        "evenly spaced through the output.</p>"
+        if sampled
+        else "",
         *(f"<h2>{title}</h2><p>{note}</p>{_png(figure)}" for title, note, figure in figures),
         f"<h2>Error rows ({len(errors):,}{shown})</h2>",
         errors.head(ERROR_ROWS_SHOWN).to_html(index=False) if len(errors) else "<p>None.</p>",
