@@ -195,7 +195,14 @@ def finish(summary: dict) -> None:
     from daskdp.runner import format_summary
 
     print(format_summary(summary))
-    print(f"report in {write_report(summary['output'])}")
+    try:
+        print(f"report in {write_report(summary['output'])}")
+    except Exception as e:  # the results are written; a report that fails must not fail the run
+        logging.getLogger("daskdp").debug("the report could not be written", exc_info=True)
+        print(
+            f"daskdp: the report could not be written ({e}); try `daskdp report {summary['output']}`",
+            file=sys.stderr,
+        )
 
 
 def continuation(argv: list[str]) -> str:

@@ -87,6 +87,7 @@ class RankedJobs:
 
     queue_name: str
     status_command: str
+    never_starts: frozenset[str] = frozenset()  # pending reasons that no wait will change
     output_pattern: str  # the job's output file when no log-directory is set
 
     def _new_worker_name(self, worker_number: int) -> str:
@@ -164,6 +165,17 @@ class RankedSLURMCluster(RankedJobs, SLURMCluster):
     job_cls = RankedSLURMJob
     queue_name = "SLURM"
     status_command = "squeue"
+    # squeue's reasons for jobs that ask more than the partition, account or QOS ever allows.
+    never_starts = frozenset(
+        {
+            "PartitionConfig",
+            "PartitionNodeLimit",
+            "PartitionTimeLimit",
+            "BadConstraints",
+            "InvalidAccount",
+            "InvalidQOS",
+        }
+    )
     output_pattern = "slurm-{id}.out"
 
     def job_states(self, job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
@@ -332,7 +344,9 @@ def submit(cluster: JobQueueCluster, ranks: int) -> None:
     """Submit the ranks' jobs now; a job the queue refuses raises `RunError` with its reason."""
 
     async def scale() -> None:
-        cluster.scale(jobs=ranks)
+        # Not cluster.scale(): it also submits from a callback, whose failure tornado would log.
+        while len(cluster.worker_spec) < ranks:
+            cluster.worker_spec.update(cluster.new_worker_spec())
         await cluster._correct_state()  # submits here, so that a refusal is raised here
 
     try:
@@ -370,6 +384,14 @@ def wait_for_ranks(client: Client, cluster: JobQueueCluster, ranks: int, timeout
                     f"{cluster.queue_name} job {job.job_id} ended before its worker joined the "
                     f"scheduler; its output ({cluster.job_output(job)}) says why"
                 )
+            for job in waiting.values():
+                state, reason = states.get(job.job_id, ("", ""))
+                if reason in cluster.never_starts:
+                    raise RunError(
+                        f"{cluster.queue_name} will not start job {job.job_id}: {state} ({reason}), "
+                        "beyond what its partition, account or QOS allows; ask for what the "
+                        "partition offers (cluster.jobqueue: queue, cores, memory, walltime, account)"
+                    )
         if time.monotonic() > deadline:
             raise RunError(not_started(cluster, waiting, states, ranks, timeout))
         time.sleep(0.5)

@@ -283,6 +283,7 @@ class Monitor:
         self.started = time.monotonic()
         self.last_line = self.started
         self.workers_seen = self.started
+        self.waiting_for_workers = False
         self.bar = None
         if stream is not None and stream.isatty():
             from tqdm import tqdm
@@ -344,7 +345,15 @@ class Monitor:
         now = time.monotonic()
         if gpu_workers(self.client):
             self.workers_seen = now
-        elif now - self.workers_seen > self.worker_wait:
+            self.waiting_for_workers = False
+        elif not self.waiting_for_workers:
+            self.waiting_for_workers = True
+            if self.stream is not None:
+                print(
+                    f"no worker with the {GPU} resource; waiting up to {self.worker_wait:g} s",
+                    file=self.stream,
+                )
+        if now - self.workers_seen > self.worker_wait:
             raise RunError(
                 f"no worker with the {GPU} resource has been left for {self.worker_wait:g} s "
                 "(cluster.startup-timeout)",

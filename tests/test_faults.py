@@ -137,17 +137,26 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path):
     assert len(unchanged) * 20 >= summary["rows_skipped"], "finished chunks were rewritten"
 
 
-def test_sigint_stops_cleanly_and_says_how_to_resume(tmp_path):
-    """Ctrl-C (SIGINT to the process group, as a terminal sends it): exit 130, no process left,
-    the message gives the command that resumes, and that command finishes the run."""
+@pytest.mark.parametrize(
+    ("signum", "code", "to_group"),
+    [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_signal_stops_cleanly_and_says_how_to_resume(tmp_path, signum, code, to_group):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) or SIGTERM to the run (as a
+    batch system sends it): exit 130 or 143, no process left, no traceback, and the message
+    gives the command that resumes, which finishes the run."""
     source = staggered_prompts(tmp_path / "prompts.parquet")
     output = tmp_path / "out"
     process = start_run(source, "-o", output, "--workers", 2, "--chunk-size", 20)
     wait_for_chunks(output, 1, process)
     processes = family(process)
-    os.killpg(process.pid, signal.SIGINT)
+    if to_group:
+        os.killpg(process.pid, signum)
+    else:
+        os.kill(process.pid, signum)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-3000:]
+    assert process.returncode == code, stderr[-3000:]
     assert_gone(processes)
     assert "Traceback" not in stderr
     (line,) = [line for line in stderr.splitlines() if line.startswith("daskdp:")]

@@ -105,7 +105,7 @@ def test_slurm_ranks_are_jobs_with_the_rank_environment(slurm):
     client, cluster = jobqueue.start(cluster_config, tensor_parallel_size=1)
     try:
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
-        assert sorted(info["name"] for info in workers) == ["0", "1"]
+        assert sorted(str(info["name"]) for info in workers) == ["0", "1"]
         assert all(info["resources"] == {"GPU": 1} for info in workers)
         assert all(info["host"] == "127.0.0.1" for info in workers)
         seen = client.run(
@@ -137,19 +137,7 @@ def test_ctrl_c_leaves_no_job(tmp_path, slurm, moment):
     stderr = tmp_path / "stderr.txt"
     with open(stderr, "w") as log:
         process = subprocess.Popen(
-            [
-                *DASKDP,
-                "run",
-                source,
-                "-o",
-                out,
-                "--cluster",
-                "slurm",
-                "--max-tokens",
-                32,
-                "--chunk-size",
-                200,
-            ],
+            [*DASKDP, "run", str(source), "-o", str(out), "--cluster", "slurm", "--chunk-size", "200"],
             stdout=subprocess.DEVNULL,
             stderr=log,
             cwd=tmp_path,
@@ -174,32 +162,33 @@ def test_ctrl_c_leaves_no_job(tmp_path, slurm, moment):
 
 @pytest.mark.slurm
 @pytest.mark.parametrize(
-    "jobqueue_config, message",
+    "cluster_config, message",
     [
         (
-            {"job-extra-directives": ["--begin=now+1hour"]},
+            {"startup-timeout": 4, "jobqueue": {"job-extra-directives": ["--begin=now+1hour"]}},
             r"1 of 1 SLURM jobs had no worker after 4 s \(cluster.startup-timeout\): job \d+ PENDING \(BeginTime\)",
         ),
-        (
-            {"cores": 64},
-            r"SLURM refused the job for a rank: sbatch: error: Batch job submission failed: "
-            r"Requested node configuration is not available",
+        (  # fails at once, not after the default startup-timeout of 600 s
+            {"jobqueue": {"cores": 64}},
+            r"SLURM will not start job \d+: PENDING \(PartitionConfig\), beyond what its partition",
         ),
-        ({"queue": "no-such-partition"}, r"SLURM refused the job for a rank: .*[Ii]nvalid partition"),
         (
-            {"job-script-prologue": ["exit 3"]},
+            {"jobqueue": {"queue": "no-such-partition"}},
+            r"SLURM refused the job for a rank: sbatch: error: Batch job submission failed: "
+            r"Invalid partition name specified",
+        ),
+        (
+            {"jobqueue": {"job-script-prologue": ["exit 3"]}},
             r"SLURM job (\d+) ended before its worker joined the scheduler; its output \(slurm-\1.out\)",
         ),
     ],
     ids=["pending", "too-many-cores", "no-such-partition", "job-fails"],
 )
-def test_jobs_that_never_start_fail_the_run_clearly(tmp_path, slurm, jobqueue_config, message):
-    """One line naming the jobs and why they did not start, exit 1, and no job left queued."""
+def test_jobs_that_never_start_fail_the_run_clearly(tmp_path, slurm, cluster_config, message):
+    """One line naming the job and why it did not start, exit 1, and no job left queued."""
     source = write_prompts(tmp_path / "prompts.jsonl", 5)
     settings = tmp_path / "slurm.yaml"
-    settings.write_text(
-        yaml.safe_dump({"daskdp": {"cluster": {"startup-timeout": 4, "jobqueue": jobqueue_config}}})
-    )
+    settings.write_text(yaml.safe_dump({"daskdp": {"cluster": cluster_config}}))
     started = time.monotonic()
     done = daskdp_cli("run", source, "--cluster", "slurm", "--config", settings, "--quiet", cwd=tmp_path)
     assert done.returncode == 1, done.stderr[-3000:]
@@ -305,8 +294,9 @@ def test_bad_jobqueue_settings_are_named(jobqueue_config, message):
         job_script("slurm", **{"cluster.jobqueue": jobqueue_config})
 
 
-def test_scheduler_address_and_a_queue_exclude_each_other():
-    done = daskdp_cli("run", "x.jsonl", "--cluster", "slurm", "--scheduler-address", "tcp://127.0.0.1:1")
+def test_scheduler_address_and_a_queue_exclude_each_other(tmp_path):
+    source = write_prompts(tmp_path / "prompts.jsonl", 1)
+    done = daskdp_cli("run", source, "--cluster", "slurm", "--scheduler-address", "tcp://127.0.0.1:1")
     assert done.returncode == 2 and "exclude each other" in done.stderr
 
 
