@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -29,6 +30,7 @@ import dask.config
 from dask.utils import parse_bytes
 from distributed import Client
 from distributed.core import Status
+from distributed.utils import format_dashboard_link
 
 from daskdp.cluster import GPU
 from daskdp.errors import RunError, UserError
@@ -89,6 +91,15 @@ class RankedJobs:
     status_command: str
     never_starts: frozenset[str] = frozenset()  # pending reasons that no wait will change
     output_pattern: str  # the job's output file when no log-directory is set
+
+    dashboard_host: str | None = None  # where the dashboard listens, when not the scheduler's host
+
+    @property
+    def dashboard_link(self) -> str:
+        port = self.scheduler_info.get("services", {}).get("dashboard")
+        if port is None or self.dashboard_host in (None, "", "0.0.0.0", "::"):
+            return super().dashboard_link
+        return format_dashboard_link(self.dashboard_host, port)
 
     def _new_worker_name(self, worker_number: int) -> str:
         # Numeric names order the ranks as the jobs were submitted (see plugin._worker_rank).
@@ -270,7 +281,7 @@ def make_cluster(cluster_config: dict[str, Any], tensor_parallel_size: int) -> J
     cls = CLUSTERS[kind]
     arguments = job_arguments(kind, cluster_config, tensor_parallel_size)
     try:
-        return cls(**arguments)
+        cluster = cls(**arguments)
     except ValueError as e:
         found = re.search(r"unexpected keyword argument '(\w+)'", str(e))
         if found:
@@ -278,7 +289,16 @@ def make_cluster(cluster_config: dict[str, Any], tensor_parallel_size: int) -> J
                 f"cluster.jobqueue.{found.group(1).replace('_', '-')} is not an argument of "
                 f"{cls.__bases__[-1].__name__}; see conf/cluster/{kind}.yaml"
             ) from None
+        listening = _cause(e, OSError)
+        if listening is not None:  # the scheduler could not listen where it was told
+            raise UserError(
+                f"the scheduler cannot listen on cluster.host {cluster_config['host']} "
+                f"({listening.strerror or listening}); give an address of this host"
+            ) from None
         raise UserError(f"cluster.jobqueue: {str(e).splitlines()[0]}") from None
+    dashboard = str(cluster_config["dashboard-address"] or "")
+    cluster.dashboard_host = dashboard.rsplit(":", 1)[0].strip("[]") if ":" in dashboard else None
+    return cluster
 
 
 def job_arguments(kind: str, cluster_config: dict[str, Any], tensor_parallel_size: int) -> dict[str, Any]:
@@ -357,10 +377,11 @@ def submit(cluster: JobQueueCluster, ranks: int) -> None:
             f"{e.filename} was not found"
         ) from None
     except RuntimeError as e:
-        lines = [line.strip() for line in str(e).split("stderr:", 1)[-1].splitlines() if line.strip()]
-        reason = lines[-1] if lines else str(e).splitlines()[0]
+        stderr = str(e).split("stderr:", 1)[-1]
+        lines = [re.sub(r"^\w+: error: ", "", line.strip()) for line in stderr.splitlines() if line.strip()]
+        reason = "; ".join(lines) if lines else str(e).splitlines()[0]
         raise RunError(
-            f"{cluster.queue_name} refused the job for a rank: {reason}; "
+            f"{cluster.queue_name} refused the job for a rank ({cluster.job_cls.submit_command}: {reason}); "
             "ask for what its partitions and nodes offer (cluster.jobqueue: queue, cores, memory, "
             "job-extra-directives)"
         ) from None
@@ -418,8 +439,14 @@ def not_started(
         f"{len(waiting)} of {ranks} {cluster.queue_name} jobs had no worker after {timeout:g} s "
         f"(cluster.startup-timeout): {why}"
     )
-    running = states and any(states[job.job_id][0] in ("RUNNING", "R") for job in waiting.values())
-    if running and loopback(parse_host(cluster.scheduler_address)):
+    running = {
+        job.job_id: states[job.job_id][1]  # squeue gives a running job's node for its reason
+        for job in waiting.values()
+        if states and states[job.job_id][0] in ("RUNNING", "R")
+    }
+    here = socket.gethostname().split(".")[0]
+    elsewhere = any(node and node.split(".")[0] != here for node in running.values())
+    if elsewhere and loopback(parse_host(cluster.scheduler_address)):
         return (
             f"{message}; the scheduler listens on {parse_host(cluster.scheduler_address)}, which "
             "other nodes cannot reach: set cluster.host to this node's address or "
@@ -431,6 +458,17 @@ def not_started(
         f"{message}; ask for fewer ranks (--workers) or resources the queue can give "
         "(cluster.jobqueue), or raise cluster.startup-timeout"
     )
+
+
+def _cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type ``kind`` in the chain of ``error``."""
+    seen: list[BaseException] = []
+    while error is not None and error not in seen:
+        if isinstance(error, kind):
+            return error
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def cpu_engine() -> bool:

@@ -27,7 +27,13 @@ usable() {
     esac
 }
 
-if command -v sinfo >/dev/null 2>&1 && usable; then
+ours() {
+    grep -qs "written by scripts/slurm.sh" /etc/slurm/slurm.conf
+}
+
+# sinfo takes 10 s to give up on a controller that is not running: ask it only when the
+# controller may be elsewhere, or runs here.
+if command -v sinfo >/dev/null 2>&1 && { ! ours || pgrep -x slurmctld >/dev/null; } && usable; then
     exit 0
 fi
 [ "$(id -u)" = 0 ] || fail "SLURM is not running and starting it needs root (run: sudo bash scripts/slurm.sh)"
@@ -37,14 +43,17 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
     command -v apt-get >/dev/null || fail "no apt-get on this host to install slurmctld, slurmd, munge, slurm-client"
     packages=(slurmctld slurmd munge slurm-client)
     export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y -q --no-install-recommends "${packages[@]}" >/tmp/daskdp-slurm-apt.log 2>&1; then
-        apt-get update -q >>/tmp/daskdp-slurm-apt.log 2>&1 || true
-        apt-get install -y -q --no-install-recommends "${packages[@]}" >>/tmp/daskdp-slurm-apt.log 2>&1 \
-            || fail "apt-get install ${packages[*]} failed: $(tail -n1 /tmp/daskdp-slurm-apt.log)"
+    apt=(apt-get -q -o Acquire::Retries=1 -o Acquire::http::Timeout=20)
+    log=/tmp/daskdp-slurm-apt.log
+    # The package lists may be missing or stale: update once if the first attempt fails.
+    if ! "${apt[@]}" install -y --no-install-recommends "${packages[@]}" >"$log" 2>&1; then
+        "${apt[@]}" update >>"$log" 2>&1 || true
+        "${apt[@]}" install -y --no-install-recommends "${packages[@]}" >>"$log" 2>&1 \
+            || fail "apt-get install ${packages[*]} failed: $(grep -E '^(E|Err):' "$log" | tail -n1)"
     fi
 fi
 
-mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd "$LOG" /run/munge /var/log/munge
+mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd "$LOG" /run/munge
 if [ ! -s /etc/munge/munge.key ]; then
     mkdir -p /etc/munge
     if command -v mungekey >/dev/null; then
@@ -91,7 +100,8 @@ fi
 
 # pgrep only checks whether a daemon runs; nothing is stopped here.
 if ! pgrep -x munged >/dev/null; then
-    munged --force || fail "munged did not start"
+    # As root, munged needs --force; it then warns about its directories' owner (munge).
+    out=$(munged --force 2>&1) || fail "munged did not start: $out"
 fi
 if ! pgrep -x slurmctld >/dev/null; then
     slurmctld || fail "slurmctld did not start; see $LOG/slurmctld.log"

@@ -7,6 +7,7 @@ ends by checking that `squeue` lists no job.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -19,13 +20,14 @@ import time
 import pytest
 import yaml
 
-from conftest import DASKDP, PARITY_PROMPTS, daskdp_cli, read_results
+from conftest import DASKDP, PARITY_PROMPTS, REPO, daskdp_cli, read_results
 from daskdp import config, jobqueue
 from daskdp.errors import UserError
 
 USABLE = ("idle", "mixed", "allocated", "completing")
 
 
+@functools.cache
 def slurm_unavailable() -> str | None:
     """Why the tests cannot use SLURM here, or None when a node is ready."""
     reason = os.environ.get("DASKDP_SLURM_UNAVAILABLE")
@@ -99,9 +101,11 @@ def test_run_on_slurm_end_to_end(tmp_path, slurm):
 
 
 @pytest.mark.slurm
-def test_slurm_ranks_are_jobs_with_the_rank_environment(slurm):
+def test_slurm_ranks_are_jobs_with_the_rank_environment(tmp_path, monkeypatch, slurm):
     """Each job's worker: GPU resource, daskdp's preload, this venv's python, the rank environment."""
-    cluster_config = cluster_settings(**{"cluster.workers": 2})
+    monkeypatch.chdir(tmp_path)  # sbatch's working directory
+    logs = tmp_path / "logs"
+    cluster_config = cluster_settings(**{"cluster.workers": 2, "cluster.jobqueue.log-directory": str(logs)})
     client, cluster = jobqueue.start(cluster_config, tensor_parallel_size=1)
     try:
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
@@ -109,35 +113,44 @@ def test_slurm_ranks_are_jobs_with_the_rank_environment(slurm):
         assert all(info["resources"] == {"GPU": 1} for info in workers)
         assert all(info["host"] == "127.0.0.1" for info in workers)
         seen = client.run(
-            lambda: (
-                sys.executable,
-                "daskdp.plugin" in sys.modules,
-                os.environ.get("SLURM_JOB_ID"),
-                os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"),
-                os.environ.get("OMP_NUM_THREADS"),
-            )
-        )
-        assert sorted(job_id for _, _, job_id, _, _ in seen.values()) == cluster.submitted()
-        assert {(python, preloaded, multiprocessing, threads) for python, preloaded, _, multiprocessing, threads in seen.values()} == {
-            (sys.executable, True, "0", "1")
-        }  # fmt: skip
+            lambda: {
+                "python": sys.executable,
+                "preloaded": "daskdp.plugin" in sys.modules,
+                "job": os.environ.get("SLURM_JOB_ID"),
+                "multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"),
+                "threads": os.environ.get("OMP_NUM_THREADS"),
+            }
+        ).values()
+        assert sorted(worker.pop("job") for worker in seen) == cluster.submitted()
+        expected = {"python": sys.executable, "preloaded": True, "multiprocessing": "0", "threads": "1"}
+        assert list(seen) == [expected, expected]
         assert len(queued()) == 2
+        outputs = sorted(cluster.job_output(job) for job in cluster.workers.values())
     finally:
         client.close()
         cluster.stop_ranks()
         cluster.close()
+    assert sorted(str(path) for path in logs.glob("*.out")) == outputs
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("moment", ["waiting for the job", "generating"])
-def test_ctrl_c_leaves_no_job(tmp_path, slurm, moment):
-    """SIGINT to the process group while the job starts, or while it generates: exit 130, no job left."""
-    source = write_prompts(tmp_path / "prompts.jsonl", 4000)
-    out = tmp_path / "out"
+@pytest.mark.parametrize(
+    "moment, sig, code",
+    [
+        ("job queued", signal.SIGINT, 130),
+        ("rank joined", signal.SIGINT, 130),
+        ("rank joined", signal.SIGTERM, 143),
+    ],
+    ids=["SIGINT-job-queued", "SIGINT-rank-joined", "SIGTERM-rank-joined"],
+)
+def test_stopped_runs_leave_no_job(tmp_path, slurm, moment, sig, code):
+    """Ctrl-C (SIGINT to the process group) or SIGTERM while the job starts, or once its rank
+    has joined and the engine loads: the run's exit code, and no job left in the queue."""
+    source = write_prompts(tmp_path / "prompts.jsonl", 2000)
     stderr = tmp_path / "stderr.txt"
     with open(stderr, "w") as log:
         process = subprocess.Popen(
-            [*DASKDP, "run", str(source), "-o", str(out), "--cluster", "slurm", "--chunk-size", "200"],
+            [*DASKDP, "run", str(source), "-o", str(tmp_path / "out"), "--cluster", "slurm"],
             stdout=subprocess.DEVNULL,
             stderr=log,
             cwd=tmp_path,
@@ -146,18 +159,18 @@ def test_ctrl_c_leaves_no_job(tmp_path, slurm, moment):
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
-            if moment == "waiting for the job" and queued():
+            if moment == "job queued" and queued():
                 break
-            if moment == "generating" and list(out.glob("part-*.parquet")):
+            if moment == "rank joined" and "Dask dashboard:" in stderr.read_text():  # printed once joined
                 break
             time.sleep(0.1)
         assert process.poll() is None, stderr.read_text()[-3000:]
-        os.killpg(process.pid, signal.SIGINT)
-        assert process.wait(timeout=120) == 130, stderr.read_text()[-3000:]
+        os.killpg(process.pid, sig)
+        assert process.wait(timeout=120) == code, stderr.read_text()[-3000:]
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert "stopped by SIGINT" in stderr.read_text()
+    assert f"stopped by {sig.name}" in stderr.read_text()
 
 
 @pytest.mark.slurm
@@ -174,8 +187,8 @@ def test_ctrl_c_leaves_no_job(tmp_path, slurm, moment):
         ),
         (
             {"jobqueue": {"queue": "no-such-partition"}},
-            r"SLURM refused the job for a rank: sbatch: error: Batch job submission failed: "
-            r"Invalid partition name specified",
+            r"SLURM refused the job for a rank \(sbatch: invalid partition specified: no-such-partition; "
+            r"Batch job submission failed: Invalid partition name specified\)",
         ),
         (
             {"jobqueue": {"job-script-prologue": ["exit 3"]}},
@@ -292,6 +305,34 @@ def test_jobqueue_settings_follow_dask_jobqueue_config():
 def test_bad_jobqueue_settings_are_named(jobqueue_config, message):
     with pytest.raises(UserError, match=message):
         job_script("slurm", **{"cluster.jobqueue": jobqueue_config})
+
+
+@pytest.mark.parametrize("kind", ["slurm", "pbs"])
+def test_example_configs_make_job_scripts(kind):
+    """conf/cluster/*.yaml load and give the job scripts they describe (host: this machine's)."""
+    settings = config.load(REPO / "conf" / "cluster" / f"{kind}.yaml", {"cluster.host": "127.0.0.1"})
+    jobs = settings["cluster"]["jobqueue"]
+    jobs["log-directory"] = None  # dask-jobqueue would create it
+    cluster = jobqueue.make_cluster(settings["cluster"], tensor_parallel_size=1)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "module load cuda/12.4" in script and "--resources GPU=1" in script
+    assert ("#SBATCH -p gpu" if kind == "slurm" else "#PBS -q gpu") in script
+
+
+def test_a_scheduler_host_not_of_this_machine_is_named():
+    with pytest.raises(
+        UserError, match="cannot listen on cluster.host 198.51.100.254 .*an address of this host"
+    ):
+        job_script("slurm", **{"cluster.host": "198.51.100.254"})
+
+
+def test_no_queue_commands_is_named(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(UserError, match="--cluster slurm needs the queue's commands on this host: sbatch"):
+        jobqueue.start(cluster_settings(), tensor_parallel_size=1)
 
 
 def test_scheduler_address_and_a_queue_exclude_each_other(tmp_path):
