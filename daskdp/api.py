@@ -76,6 +76,14 @@ def generate(
             ) from None
 
     model_path, engine_args = config.engine_arguments(settings, gpu_host=bool(visible_gpus()))
+    from daskdp import gang
+
+    if gang.resolve(settings["parallel"], model_path, engine_args) is not None:
+        raise UserError(
+            f"{model_path} runs in gang mode (parallel.mode, README: Gang mode), which a lazy "
+            "DataFrame cannot give (one partition per rank, all ranks at once): use daskdp.run, "
+            "or set parallel.mode to independent for one engine per rank"
+        )
     ranks = ensure_engines(
         client, EnginePlugin(model_path, engine_args), settings["cluster"]["startup-timeout"]
     )

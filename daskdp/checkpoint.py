@@ -7,8 +7,10 @@ An output directory holds::
     _chunks/000012.timed-out.json  a chunk stopped by --chunk-timeout, with its unfinished ids
     part-000012.parquet          the chunk's rows, renamed into place only when complete
 
-Chunk ``c`` is rows ``[c * chunk_rows, (c + 1) * chunk_rows)`` of the input, whatever the
-number of ranks, so a resumed run can skip exactly the chunks that are done. A chunk's data
+Chunk ``c`` is rows ``[c * chunk_rows, (c + 1) * chunk_rows)`` of the input, in input order or,
+with prefix locality, in the order that puts rows sharing a prompt prefix together (a function
+of the input alone), whatever the number of ranks, so a resumed run can skip exactly the
+chunks that are done. A chunk's data
 file is written first and its record second: a chunk without a record is redone.
 """
 
@@ -25,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from daskdp.errors import UserError
@@ -34,15 +37,18 @@ CHUNKS_DIR = "_chunks"
 CHUNK_FILE = "part-{:06d}.parquet"
 DONE, TIMED_OUT = "done", "timed-out"
 MANIFEST_VERSION = 1
+CHUNKS_PER_RANK = 8  # the fewest chunks per rank that costs may shrink the chunks to
+MIN_CHUNK_ROWS = 64
 SECRET_WORDS = {"token", "secret", "password", "passwd", "key", "apikey", "credential", "credentials", "auth"}
 
 
 @dataclass(frozen=True)
 class Layout:
-    """How a run's ``rows`` input rows are cut into chunks."""
+    """How a run's ``rows`` input rows are cut into chunks: in input order, or ``by_prefix``."""
 
     rows: int
     chunk_rows: int
+    by_prefix: bool = False
 
     @property
     def chunks(self) -> int:
@@ -52,12 +58,29 @@ class Layout:
         return min(self.chunk_rows, self.rows - chunk * self.chunk_rows)
 
 
-def layout(rows: int, ranks: int, chunk_size: int) -> Layout:
-    """Chunks of at most ``chunk_size`` rows, in a multiple of ``ranks`` so each rank gets as many."""
+def layout(costs: np.ndarray, ranks: int, chunk_size: int, by_prefix: bool = False) -> Layout:
+    """Chunks of at most ``chunk_size`` rows, as many per rank, and small enough in estimated
+    cost for a balanced spread over the ranks.
+
+    ``costs`` holds each row's estimated cost, in the order chunks are cut. With costs that vary (long outputs grouped at
+    the end of the input), chunks shrink until none costs more than 1/``CHUNKS_PER_RANK`` of a
+    rank's share, but not below ``MIN_CHUNK_ROWS`` rows.
+    """
     if chunk_size < 1:
         raise UserError(f"--chunk-size must be at least 1, got {chunk_size}")
+    rows = len(costs)
     chunks = ranks * math.ceil(rows / (ranks * chunk_size))
-    return Layout(rows, max(1, math.ceil(rows / chunks)))
+    chunk_rows = max(1, math.ceil(rows / chunks))
+    cap = costs.sum() / (ranks * CHUNKS_PER_RANK)
+
+    def fits(size: int) -> bool:
+        return np.add.reduceat(costs, np.arange(0, rows, size)).max() <= cap
+
+    smallest, largest = min(chunk_rows, MIN_CHUNK_ROWS), chunk_rows
+    while smallest < largest:  # the largest size that fits, by bisection
+        middle = (smallest + largest + 1) // 2
+        smallest, largest = (middle, largest) if fits(middle) else (smallest, middle - 1)
+    return Layout(rows, smallest, by_prefix)
 
 
 def redacted(settings: Any) -> Any:
@@ -99,6 +122,7 @@ def new_manifest(source: str, fingerprint: str, layout: Layout, settings: dict[s
         "rows": layout.rows,
         "chunk_rows": layout.chunk_rows,
         "chunks": layout.chunks,
+        "row_order": "prefix" if layout.by_prefix else "input",
         "settings": settings,
         "created": time.time(),
     }

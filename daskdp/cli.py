@@ -63,6 +63,12 @@ def parser() -> argparse.ArgumentParser:
     )
     where.add_argument("--tensor-parallel-size", type=int, metavar="K", help="GPUs per rank")
     where.add_argument(
+        "--parallel-mode",
+        choices=["independent", "gang"],
+        help="one engine per rank, or all ranks as one vLLM data-parallel group (MoE with expert "
+        "parallelism); default: gang for MoE models with engine.enable-expert-parallel",
+    )
+    where.add_argument(
         "--cluster",
         choices=["local", "slurm", "pbs"],
         help="where the ranks run: this host (default), or one SLURM/PBS job each (see conf/cluster/)",
@@ -88,6 +94,17 @@ def parser() -> argparse.ArgumentParser:
 
     limits = run.add_argument_group("checkpoints and limits")
     limits.add_argument("--chunk-size", type=int, metavar="ROWS", help="rows written together (default 1024)")
+    limits.add_argument(
+        "--partitioning",
+        choices=["balanced", "dynamic"],
+        help="one partition per rank balanced by estimated cost (default), or smaller ones "
+        "handed out as ranks free up",
+    )
+    limits.add_argument(
+        "--prefix-locality",
+        action=argparse.BooleanOptionalAction,
+        help="put rows that share a long prompt prefix together on one rank (default: on)",
+    )
     limits.add_argument(
         "--chunk-timeout", type=float, metavar="S", help="stop a chunk that generates for longer"
     )
@@ -126,6 +143,7 @@ def overrides(args: argparse.Namespace) -> dict:
         "cluster.workers": args.workers,
         "cluster.scheduler-address": args.scheduler_address,
         "engine.tensor-parallel-size": args.tensor_parallel_size,
+        "parallel.mode": args.parallel_mode,
         "sampling.max-tokens": args.max_tokens,
         "sampling.temperature": args.temperature,
         "sampling.top-p": args.top_p,
@@ -137,6 +155,8 @@ def overrides(args: argparse.Namespace) -> dict:
         "cluster.tls-cert": args.tls_cert,
         "cluster.tls-key": args.tls_key,
         "run.chunk-size": args.chunk_size,
+        "run.partitioning": args.partitioning,
+        "run.prefix-locality": args.prefix_locality,
         "run.chunk-timeout": args.chunk_timeout,
         "run.retries": args.retries,
         "run.max-error-rate": args.max_error_rate,

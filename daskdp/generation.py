@@ -51,6 +51,8 @@ RECORD_DTYPES = {
     "output_tokens": "int64",
     "timed_out_rows": "int64",
     "timed_out_ids": "object",
+    "prefix_cache_queries": "int64",
+    "prefix_cache_hits": "int64",
     "rank": "int64",
     "worker": "object",
     "partition": "int64",
@@ -106,6 +108,7 @@ class Chunk:
         self.pending: dict[str, int] = {}  # row by request id, while in the engine
         self.started = time.time()
         self.head_since: float | None = None  # when it became the oldest chunk in the engine
+        self.prefix_cache = (0, 0)  # the engine's prefix-cache queries and hits, in tokens
 
     def enqueue(self, llm: LLM, request: GenerationRequest) -> None:
         """Render and check every row, then add the good ones to the engine."""
@@ -172,6 +175,8 @@ class Chunk:
             "output_tokens": int(self.output_tokens.sum()),
             "timed_out_rows": len(unfinished),
             "timed_out_ids": [str(ids.iloc[i]) for i in unfinished],
+            "prefix_cache_queries": self.prefix_cache[0],
+            "prefix_cache_hits": self.prefix_cache[1],
             "rank": rank,
             "worker": worker,
             "partition": partition,
@@ -217,9 +222,11 @@ def generate_and_write(
     """
     from distributed import get_worker
 
-    from daskdp.plugin import get_engine
+    from daskdp.plugin import gang_engine, get_engine
 
     if part.empty:
+        if (engine := gang_engine()) is not None:  # gang mode: a rank without rows steps along
+            engine.call(step_with_gang)
         return record_meta()
     partition = partition_info["number"] if partition_info else 0
     engine, rank = get_engine()
@@ -292,8 +299,18 @@ def generate_chunks(
     The engine is kept full across chunk boundaries: the next chunk is added while fewer
     than two batches' worth of requests are in it. The oldest unfinished chunk is stopped
     (its requests aborted, so the rank moves on) once it has been oldest for longer than
-    ``request.chunk_timeout``; stopped chunks are returned.
+    ``request.chunk_timeout``; stopped chunks are returned. Each finished chunk is given the
+    engine's prefix-cache counts since the chunk before it finished.
     """
+    counted = prefix_cache_counts(llm)
+
+    def finished(chunk: Chunk) -> None:
+        nonlocal counted
+        now = prefix_cache_counts(llm)
+        chunk.prefix_cache = (now[0] - counted[0], now[1] - counted[1])
+        counted = now
+        on_finished(chunk)
+
     engine = llm.llm_engine
     lookahead = 2 * engine.vllm_config.scheduler_config.max_num_seqs
     waiting = iter(chunks)
@@ -314,13 +331,13 @@ def generate_chunks(
                     running[chunk.number] = chunk
                     owners.update(dict.fromkeys(chunk.pending, chunk))
                 else:
-                    on_finished(chunk)
+                    finished(chunk)
             if not running:
                 continue
             if not engine.has_unfinished_requests():  # never expected: the engine lost requests
                 for chunk in running.values():
                     chunk.give_up("the engine returned no output")
-                    on_finished(chunk)
+                    finished(chunk)
                 running.clear()
                 owners.clear()
                 continue
@@ -333,7 +350,7 @@ def generate_chunks(
                 report.advance(1, chunk.finish_row(output.request_id, output))
                 if not chunk.pending:
                     del running[chunk.number]
-                    on_finished(chunk)
+                    finished(chunk)
             report.send()
             timeout = request.chunk_timeout
             if timeout is not None and oldest.pending and time.monotonic() - oldest.head_since > timeout:
@@ -345,7 +362,33 @@ def generate_chunks(
     finally:
         if owners:  # an error, or the worker closing: leave the engine empty for the next task
             engine.abort_request(list(owners))
+    step_with_gang(llm)
     return stopped
+
+
+def step_with_gang(llm: LLM) -> None:
+    """Gang mode (`daskdp.gang`): step until no rank of the engine's data-parallel group has work.
+
+    The ranks of a gang step together: one with nothing left runs vLLM's dummy batches while
+    the others finish, and one that stopped stepping would leave them waiting in a collective.
+    An independent engine (no data-parallel group) returns at once.
+    """
+    engine = llm.llm_engine
+    if getattr(engine, "dp_group", None) is None:
+        return
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def prefix_cache_counts(llm: LLM) -> tuple[int, int]:
+    """Prompt tokens the engine has looked up in its prefix cache so far, and found there."""
+    counts = {"vllm:prefix_cache_queries": 0, "vllm:prefix_cache_hits": 0}
+    if not llm.llm_engine.log_stats:  # engine.disable-log-stats: true
+        return 0, 0
+    for metric in llm.get_metrics():
+        if metric.name in counts:
+            counts[metric.name] += int(metric.value)
+    return counts["vllm:prefix_cache_queries"], counts["vllm:prefix_cache_hits"]
 
 
 def _tokenize(llm: LLM, part: pd.DataFrame, request: GenerationRequest, errors: np.ndarray) -> list:

@@ -46,6 +46,44 @@ def input_format(source: str, is_dir: bool) -> str:
     return fmt
 
 
+CHARS_PER_TOKEN = 4  # a prompt's length in tokens, roughly, for balancing only
+# Rows whose prompts start with the same PREFIX_CHARS[0] characters share a long prefix; within
+# them, the same PREFIX_CHARS[1] characters. Keys of both, hashed, put such rows together.
+PREFIX_CHARS = (128, 1024)
+SHARED_PREFIX_ROWS = 0.1  # the fraction of rows that must share a prefix for reordering to pay
+NO_LONG_PREFIX = 0  # the first key of a prompt shorter than PREFIX_CHARS[0]
+
+
+@dataclass
+class Survey:
+    """What one pass over the input tells: rows per input partition, a fingerprint of their
+    content, and for each row (in input order) its estimated cost (prompt tokens + max_tokens)
+    and its prefix keys."""
+
+    lengths: list[int]
+    fingerprint: str
+    costs: np.ndarray
+    prefix_keys: np.ndarray  # rows x len(PREFIX_CHARS), uint64
+
+    @property
+    def rows(self) -> int:
+        return sum(self.lengths)
+
+    def shares_prefixes(self) -> bool:
+        """Whether enough rows share a long prefix with another row for prefix locality to pay."""
+        long = self.prefix_keys[:, 0]
+        _, counts = np.unique(long[long != NO_LONG_PREFIX], return_counts=True)
+        return counts[counts > 1].sum() >= SHARED_PREFIX_ROWS * self.rows
+
+    def slots(self) -> np.ndarray:
+        """Each row's place when rows sharing a prefix are put together (input order within)."""
+        keys = self.prefix_keys
+        order = np.lexsort((np.arange(self.rows), *keys.T[::-1]))
+        slots = np.empty(self.rows, dtype=np.int64)
+        slots[order] = np.arange(self.rows)
+        return slots
+
+
 @dataclass
 class Prompts:
     """Prompts read lazily from ``source``: a Dask DataFrame and where it came from."""
@@ -53,28 +91,39 @@ class Prompts:
     frame: dd.DataFrame
     source: str
     format: str
+    input_config: dict[str, Any]
 
-    def survey(self) -> tuple[list[int], str]:
-        """Rows in each input partition and a fingerprint of their content, read on the workers.
+    def survey(self, max_tokens: int) -> Survey:
+        """Read the input once on the workers: rows, fingerprint and the rows' estimated costs.
 
-        Refuses an input that is empty or cannot be read.
+        ``max_tokens`` is the run's; a ``max_tokens`` column overrides it per row. Refuses an
+        input that is empty or cannot be read.
         """
+        columns = self.input_config["prompt-column"], self.input_config["messages-column"]
         try:
-            surveyed = self.frame.map_partitions(_survey, meta=_SURVEY_META).compute()
+            surveyed = self.frame.map_partitions(_survey, columns, max_tokens, meta=_SURVEY_META).compute()
         except Exception as e:
             raise UserError(unreadable(self.source, self.format, e)) from None
         lengths = [int(n) for n in surveyed["rows"]]
         if not sum(lengths):
             raise UserError(f"{self.source} has no rows; there is nothing to generate")
         fingerprint = hashlib.sha256("\n".join(surveyed["digest"]).encode()).hexdigest()
-        return lengths, fingerprint
+        costs = np.concatenate(list(surveyed["costs"]))
+        keys = np.concatenate(list(surveyed["prefix_keys"]))
+        return Survey(lengths, fingerprint, costs, keys)
 
 
-_SURVEY_META = pd.DataFrame({"rows": pd.Series(dtype="int64"), "digest": pd.Series(dtype=object)})
+_SURVEY_META = pd.DataFrame(
+    {
+        name: pd.Series(dtype="int64" if name == "rows" else object)
+        for name in ("rows", "digest", "costs", "prefix_keys")
+    }
+)
 
 
-def _survey(part: pd.DataFrame) -> pd.DataFrame:
-    """One partition's row count and a digest of its rows (index ignored, order kept)."""
+def _survey(part: pd.DataFrame, columns: tuple[str, str], max_tokens: int) -> pd.DataFrame:
+    """One partition's row count, a digest of its rows (index ignored, order kept), and its
+    rows' costs and prefix keys."""
     hashable = part.assign(
         **{
             name: part[name].map(repr)  # chat messages are lists, which pandas cannot hash
@@ -84,7 +133,58 @@ def _survey(part: pd.DataFrame) -> pd.DataFrame:
     )
     hashes = pd.util.hash_pandas_object(hashable, index=False).to_numpy()
     digest = hashlib.sha256(",".join(map(str, part.columns)).encode() + hashes.tobytes()).hexdigest()
-    return pd.DataFrame({"rows": [len(part)], "digest": [digest]})
+    return pd.DataFrame(
+        {
+            "rows": [len(part)],
+            "digest": [digest],
+            "costs": [row_costs(part, columns, max_tokens)],
+            "prefix_keys": [prefix_keys(part, columns)],
+        }
+    )
+
+
+def prompt_texts(part: pd.DataFrame, columns: tuple[str, str]) -> pd.Series:
+    """Each row's prompt as text: the prompt, or its chat messages' contents; '' for neither."""
+    prompt, messages = columns
+    texts = pd.Series("", index=part.index, dtype=object)
+    if messages in part:
+        rendered = part[messages].map(_message_text, na_action="ignore")
+        texts = rendered.where(rendered.notna(), texts)
+    if prompt in part:
+        given = part[prompt].map(lambda p: p if isinstance(p, str) else None, na_action="ignore")
+        texts = given.where(given.notna(), texts)
+    return texts
+
+
+def prefix_keys(part: pd.DataFrame, columns: tuple[str, str]) -> np.ndarray:
+    """Hashes of each row's first ``PREFIX_CHARS`` characters, one column per length; the first
+    is ``NO_LONG_PREFIX`` for a prompt shorter than that."""
+    if not len(part):
+        return np.zeros((0, len(PREFIX_CHARS)), dtype=np.uint64)
+    texts = prompt_texts(part, columns).astype(str)
+    keys = np.stack(
+        [pd.util.hash_array(texts.str.slice(0, n).to_numpy(dtype=object)) for n in PREFIX_CHARS], axis=1
+    )
+    keys[(texts.str.len() < PREFIX_CHARS[0]).to_numpy(), 0] = NO_LONG_PREFIX
+    return keys
+
+
+def _message_text(conversation: Any) -> str | None:
+    if not isinstance(conversation, (list, tuple, np.ndarray)):
+        return None
+    return "\n".join(str(m.get("content", "")) if isinstance(m, dict) else "" for m in conversation)
+
+
+def row_costs(part: pd.DataFrame, columns: tuple[str, str], max_tokens: int) -> np.ndarray:
+    """Each row's estimated cost in tokens: its prompt's (from its length in characters) plus
+    its ``max_tokens`` (the column where given and valid, else the run's)."""
+    chars = prompt_texts(part, columns).str.len().to_numpy(dtype=np.int64)
+    limits = np.full(len(part), max_tokens, dtype=np.int64)
+    if "max_tokens" in part:
+        given = pd.to_numeric(part["max_tokens"], errors="coerce").to_numpy(dtype=float)
+        usable = np.isfinite(given) & (given >= 1)
+        limits[usable] = given[usable].astype(np.int64)
+    return chars // CHARS_PER_TOKEN + limits
 
 
 def read_prompts(source: str, input_config: dict[str, Any]) -> Prompts:
@@ -110,7 +210,7 @@ def read_prompts(source: str, input_config: dict[str, Any]) -> Prompts:
     except Exception as e:
         raise UserError(unreadable(source, fmt, e)) from None
     check_columns(df._meta, source, input_config)
-    return Prompts(df, source, fmt)
+    return Prompts(df, source, fmt, input_config)
 
 
 def _read(source: str, fmt: str, input_config: dict[str, Any]) -> dd.DataFrame:
@@ -155,32 +255,81 @@ def check_columns(meta: pd.DataFrame, source: str, input_config: dict[str, Any])
             )
 
 
-def balance(
-    df: dd.DataFrame, lengths: list[int], layout: Layout, chunks: list[int], parts: int, id_column: str
-) -> dd.DataFrame:
-    """The rows of ``chunks`` in ``parts`` partitions of whole chunks, as even as chunks allow.
+def chunk_costs(costs: np.ndarray, layout: Layout) -> np.ndarray:
+    """The estimated cost of each chunk of ``layout``, from the costs of its rows in order."""
+    return np.add.reduceat(costs, np.arange(layout.chunks) * layout.chunk_rows)
 
-    The index becomes ``row``, each row's position in the input; without an ``id_column``
-    the position is also the row's id.
+
+def assign(
+    chunk_costs: np.ndarray, chunks: list[int], parts: int, contiguous: bool = False
+) -> list[list[int]]:
+    """Spread ``chunks`` over at most ``parts`` groups of about equal estimated cost.
+
+    By default longest processing time first: each chunk, costliest first, joins the cheapest
+    group so far. ``contiguous``: each group is a run of neighbouring chunks (rows that were
+    put together stay together), cut where the running cost crosses a group's share. Groups
+    are returned costliest first, each with its chunks in order.
     """
+    chunks = sorted(chunks)
+    costs = chunk_costs[chunks].astype(float)
+    parts = min(parts, len(chunks))
+    if contiguous:
+        middles = np.cumsum(costs) - costs / 2
+        owner = np.minimum((middles * parts / max(costs.sum(), 1e-9)).astype(int), parts - 1)
+    else:
+        owner, totals = np.zeros(len(chunks), dtype=int), np.zeros(parts)
+        for i in sorted(range(len(chunks)), key=lambda i: -costs[i]):
+            owner[i] = int(np.argmin(totals))
+            totals[owner[i]] += costs[i]
+    groups = [[chunk for chunk, o in zip(chunks, owner, strict=True) if o == g] for g in range(parts)]
+    totals = [costs[owner == g].sum() for g in range(parts)]
+    return [groups[g] for g in sorted(range(parts), key=lambda g: (-totals[g], g)) if groups[g]]
+
+
+def partition(
+    df: dd.DataFrame,
+    lengths: list[int],
+    layout: Layout,
+    groups: list[list[int]],
+    id_column: str,
+    slots: np.ndarray | None = None,
+) -> dd.DataFrame:
+    """A Dask DataFrame with one partition per group of chunks, holding those chunks' rows.
+
+    Chunks are cut from the rows in input order, or in the order of ``slots`` (each input
+    row's place). The index is each row's place; without an ``id_column`` the row's position
+    in the input is its id.
+    """
+    import dask
+    import dask.dataframe as dd
+    from dask import delayed
+
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
     total = int(offsets[-1])
-    meta = df._meta.assign(row=np.int64(0))
-    positioned = df.map_partitions(_add_positions, offsets, meta=meta)
-    known = [int(offsets[i]) for i, n in enumerate(lengths) if n] + [total - 1]
-    nonempty = positioned.partitions[[i for i, n in enumerate(lengths) if n]]
-    indexed = nonempty.set_index("row", sorted=True, divisions=known)
-    if id_column not in indexed.columns:
-        indexed = indexed.assign(**{id_column: indexed.index})
-    if len(chunks) < layout.chunks:
-        indexed = indexed.map_partitions(_only_chunks, layout.chunk_rows, np.asarray(chunks))
-    groups = np.array_split(np.asarray(sorted(chunks)), min(parts, len(chunks)))
-    bounds = [0] + [int(group[0]) * layout.chunk_rows for group in groups[1:]] + [total - 1]
-    return indexed.repartition(divisions=bounds)
+    positioned = df.map_partitions(_add_positions, offsets, meta=df._meta.assign(row=np.int64(0)))
+    if id_column not in positioned.columns:
+        positioned = positioned.assign(**{id_column: positioned["row"]})
+    bounds = [chunk * layout.chunk_rows for chunk in range(layout.chunks)] + [total - 1]
+    if slots is None:
+        known = [int(offsets[i]) for i, n in enumerate(lengths) if n] + [total - 1]
+        nonempty = positioned.partitions[[i for i, n in enumerate(lengths) if n]]
+        by_chunk = nonempty.set_index("row", sorted=True, divisions=known).repartition(divisions=bounds)
+    else:  # a shuffle: rows move to their slot's chunk
+        slotted = positioned.map_partitions(
+            _to_slots, delayed(slots), meta=positioned._meta.drop(columns="row").assign(slot=np.int64(0))
+        )
+        # Tasks, not P2P: P2P goes through Arrow, which refuses columns of mixed types.
+        by_chunk = slotted.set_index("slot", divisions=bounds, shuffle_method="tasks")
+    pieces = by_chunk.to_delayed()
+    parts = [delayed(pd.concat)([pieces[chunk] for chunk in group]) for group in groups]
+    # As in read_prompts: Dask's string conversion would turn numbers among the prompts into
+    # text and chat messages into their repr.
+    with dask.config.set({"dataframe.convert-string": False}):
+        return dd.from_delayed(parts, meta=by_chunk._meta, verify_meta=False)
 
 
-def _only_chunks(part: pd.DataFrame, chunk_rows: int, chunks: np.ndarray) -> pd.DataFrame:
-    return part[np.isin(part.index.to_numpy() // chunk_rows, chunks)]
+def _to_slots(part: pd.DataFrame, slots: np.ndarray) -> pd.DataFrame:
+    return part.assign(slot=slots[part["row"].to_numpy()]).drop(columns="row")
 
 
 def _add_positions(part: pd.DataFrame, offsets, partition_info=None) -> pd.DataFrame:

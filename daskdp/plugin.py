@@ -13,10 +13,11 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -44,6 +45,7 @@ class DataParallelEnv:
     In the default independent mode every rank is its own engine of data-parallel size 1
     (vLLM refuses a data-parallel group for dense models); the values are still set
     explicitly, so a stray ``VLLM_DP_SIZE`` inherited by a worker cannot break the engine.
+    In gang mode (`daskdp.gang`) the ranks form one group of size N that steps together.
     """
 
     rank: int = 0
@@ -90,9 +92,18 @@ class Engine:
 
     def load(self) -> None:
         import_vllm()
+        import vllm.envs
         from vllm import LLM
 
-        self.llm = LLM(model=self.model, **self.engine_args)
+        # vLLM caches its environment variables once an engine has started in this process:
+        # an engine loaded after another (independent, then a gang) must read the VLLM_DP_*
+        # values set for it, not the first engine's.
+        vllm.envs.disable_envs_cache()
+        try:
+            self.llm = LLM(model=self.model, **self.engine_args)
+        except BaseException:
+            _leave_distributed()  # a gang may have formed its world before the load failed
+            raise
 
     def call(self, func: Callable[..., T], *args: Any) -> T:
         """Run ``func(llm, *args)`` on the engine's thread and return its result."""
@@ -104,16 +115,29 @@ class Engine:
         self._thread.shutdown()
 
     def _free(self) -> None:
-        self.llm = None
+        loaded, self.llm = self.llm is not None, None
         # vLLM freezes the objects alive after its start; frozen cycles are never collected.
         gc.unfreeze()
         gc.collect()
+        if loaded:
+            _leave_distributed()
         try:
             import torch
         except ImportError:
             return
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _leave_distributed() -> None:
+    """Destroy vLLM's torch.distributed world in this process (size 1, or a gang's).
+
+    It outlives the engine that formed it: the next engine in the process would join the old
+    world instead of forming its own.
+    """
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    cleanup_dist_env_and_memory()
 
 
 class EnginePlugin(WorkerPlugin):
@@ -128,6 +152,11 @@ class EnginePlugin(WorkerPlugin):
         A local model directory or a Hugging Face model name.
     engine_args
         Keyword arguments for ``vllm.LLM``.
+    data_parallel
+        Gang mode: each member worker's data-parallel variables, by worker address, as
+        `daskdp.gang.layout` computes them. ``None`` (independent mode): every ``GPU`` worker
+        loads an engine of data-parallel size 1. A ``GPU`` worker missing from the mapping
+        loads no engine.
 
     Examples
     --------
@@ -137,12 +166,26 @@ class EnginePlugin(WorkerPlugin):
     name = PLUGIN_NAME
     idempotent = False
 
-    def __init__(self, model: str, engine_args: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model: str,
+        engine_args: dict[str, Any] | None = None,
+        data_parallel: Mapping[str, DataParallelEnv] | None = None,
+    ):
         if not isinstance(model, str) or not model:
             raise TypeError(f"model must be a path or a model name, got {model!r}")
         self.model = model
         self.engine_args = dict(engine_args or {})
-        self.fingerprint = engine_fingerprint(model, self.engine_args)
+        self.data_parallel = None if data_parallel is None else _checked_gang(data_parallel)
+        devices = int(self.engine_args.get("tensor_parallel_size", 1)) * int(
+            self.engine_args.get("pipeline_parallel_size", 1)
+        )
+        if self.data_parallel is not None and devices == 1:
+            # For a data-parallel group vLLM picks its multiprocessing executor, which spawns
+            # the model into a child process: a Dask worker (a daemon) cannot have one. The
+            # in-process executor joins the group from the VLLM_DP_* variables all the same.
+            self.engine_args.setdefault("distributed_executor_backend", "uni")
+        self.fingerprint = engine_fingerprint(model, self.engine_args, self.data_parallel)
         self.rank: int | None = None
         self.engine: Engine | None = None
 
@@ -150,9 +193,18 @@ class EnginePlugin(WorkerPlugin):
         if not worker.state.total_resources.get(GPU):
             logger.info("worker %s has no %s resource: no engine loaded", worker.address, GPU)
             return
-        self.rank = await _worker_rank(worker)
-        os.environ.update(DataParallelEnv().environ())
-        # A Dask worker is a daemon process and cannot spawn vLLM's engine-core process.
+        if self.data_parallel is None:
+            self.rank = await _worker_rank(worker)
+            environment = DataParallelEnv()
+        elif worker.address in self.data_parallel:
+            environment = self.data_parallel[worker.address]
+            self.rank = environment.rank
+        else:  # joined after the gang was formed, or a gang rank's restarted process
+            logger.info("worker %s is not a rank of the gang: no engine loaded", worker.address)
+            return
+        os.environ.update(environment.environ())
+        # A Dask worker is a daemon process and cannot spawn vLLM's engine-core process. In
+        # process, vLLM's LLMEngine forms the data-parallel group of a gang itself.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         engine = Engine(self.model, self.engine_args)
         logger.info("rank %d loading %s", self.rank, self.model)
@@ -166,10 +218,35 @@ class EnginePlugin(WorkerPlugin):
         await asyncio.get_running_loop().run_in_executor(None, engine.close)
 
 
-def engine_fingerprint(model: str, engine_args: dict[str, Any]) -> str:
-    """A short hash of what decides which engine a worker holds."""
-    spec = json.dumps({"model": model, "engine_args": engine_args}, sort_keys=True, default=str)
-    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+def engine_fingerprint(
+    model: str, engine_args: dict[str, Any], data_parallel: Mapping[str, DataParallelEnv] | None = None
+) -> str:
+    """A short hash of what decides which engine a worker holds: a gang's layout included."""
+    spec: dict[str, Any] = {"model": model, "engine_args": engine_args}
+    if data_parallel is not None:
+        spec["gang"] = {address: env.environ() for address, env in data_parallel.items()}
+    text = json.dumps(spec, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _checked_gang(data_parallel: Mapping[str, DataParallelEnv]) -> dict[str, DataParallelEnv]:
+    envs = dict(data_parallel)
+    if not envs or not all(isinstance(env, DataParallelEnv) for env in envs.values()):
+        raise TypeError(f"data_parallel must map worker addresses to DataParallelEnv, got {data_parallel!r}")
+    ranks = sorted(env.rank for env in envs.values())
+    sizes = {env.size for env in envs.values()}
+    masters = {(env.master_ip, env.master_port) for env in envs.values()}
+    if ranks != list(range(len(envs))) or sizes != {len(envs)} or len(masters) != 1:
+        raise ValueError(
+            "data_parallel must give ranks 0..N-1, size N and one master to its N workers; "
+            "compute it with daskdp.gang.layout(client, addresses)"
+        )
+    return envs
+
+
+def rank_order(address: str, name: Any) -> tuple:
+    """Sort key of the ranks: numeric worker names in number order, then other names."""
+    return (0, int(name), address) if str(name).isdigit() else (1, str(name), address)
 
 
 async def _worker_rank(worker: Worker) -> int:
@@ -180,12 +257,7 @@ async def _worker_rank(worker: Worker) -> int:
         for address, info in identity["workers"].items()
         if info.get("resources", {}).get(GPU)
     ]
-
-    def order(item):
-        address, name = item
-        return (0, int(name), address) if str(name).isdigit() else (1, str(name), address)
-
-    addresses = [address for address, _ in sorted(workers, key=order)]
+    addresses = [address for address, _ in sorted(workers, key=lambda item: rank_order(*item))]
     return addresses.index(worker.address) if worker.address in addresses else len(addresses)
 
 
@@ -212,6 +284,14 @@ def get_engine() -> tuple[Engine, int]:
     return plugin.engine, plugin.rank
 
 
+def gang_engine() -> Engine | None:
+    """The engine of the worker running this task when it is a rank of a gang, else ``None``."""
+    plugin = get_worker().plugins.get(PLUGIN_NAME)
+    if plugin is None or plugin.data_parallel is None:
+        return None
+    return plugin.engine
+
+
 def engine_status(dask_worker: Worker) -> tuple[str, int] | None:
     """Run on a worker (``client.run``): fingerprint and rank of the engine it holds, if any."""
     plugin = dask_worker.plugins.get(PLUGIN_NAME)
@@ -232,6 +312,8 @@ def ensure_engines(client: Client, plugin: EnginePlugin, timeout: float) -> list
         raise RunError(f"no Dask worker joined the scheduler within {timeout:g} s") from None
     workers = client.scheduler_info(n_workers=-1)["workers"]
     gpu_workers = [address for address, info in workers.items() if info.get("resources", {}).get(GPU)]
+    if plugin.data_parallel is not None:  # gang mode: the gang's members only
+        gpu_workers = [address for address in gpu_workers if address in plugin.data_parallel]
     if not gpu_workers:
         raise UserError(
             f"no worker of the cluster at {client.scheduler.address} has the {GPU} resource; "
@@ -242,8 +324,21 @@ def ensure_engines(client: Client, plugin: EnginePlugin, timeout: float) -> list
         try:
             client.register_plugin(plugin)
         except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RunError(f"the engine for {plugin.model} did not load: {reason}") from None
+            raise RunError(f"the engine for {plugin.model} did not load: {_reason(e)}") from None
         held = client.run(engine_status, workers=gpu_workers)
     ranked = sorted((status[1], address) for address, status in held.items() if status is not None)
     return [address for _, address in ranked]
+
+
+def _reason(error: BaseException) -> str:
+    """The line of an engine's error that says what is wrong.
+
+    vLLM's configuration errors come from pydantic: ``1 validation error for ParallelConfig``,
+    then ``  Value error, <the reason> [type=value_error, ...]``.
+    """
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if re.match(r"\d+ validation errors? for ", lines[0]) and len(lines) > 1:
+        return re.sub(r"^Value error, |\s*\[type=.*$", "", lines[1])
+    return lines[0]

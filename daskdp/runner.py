@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import math
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
 import dask
+import numpy as np
 import pandas as pd
 
 from daskdp import checkpoint, config, io
@@ -25,6 +27,8 @@ from daskdp.plugin import EnginePlugin, ensure_engines
 if TYPE_CHECKING:
     import dask.dataframe as dd
     from distributed import Client, Future
+
+    from daskdp.gang import GangMode
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +82,9 @@ def run(
     settings = config.load(config_file, overrides)
     model, engine_args = config.engine_arguments(settings, gpu_host=bool(visible_gpus()))
     check_model(model)
+    from daskdp import gang  # gang mode (MoE with expert parallelism): daskdp/gang.py
+
+    gang_mode = gang.resolve(settings["parallel"], model, engine_args)
     prompts = io.read_prompts(source, settings["input"])
     output = output or io.default_output(source)
     io.check_output(output, resume, overwrite)
@@ -89,17 +96,18 @@ def run(
         if progress is not None and client.dashboard_link:
             print(f"Dask dashboard: {client.dashboard_link}", file=progress)
         logger.info("Dask dashboard: %s", client.dashboard_link)
-        lengths, fingerprint = prompts.survey()  # a bad input fails before any engine loads
+        # A bad input fails here, before any engine loads.
+        survey = prompts.survey(int(settings["sampling"]["max-tokens"]))
         planned = max(1, len(gpu_workers(client)))
         layout, earlier = prepare_output(
             output,
             source,
-            lengths,
-            fingerprint,
+            survey,
             checkpoint.result_settings(model, engine_args, settings),
             resume=resume,
             ranks=planned,
             chunk_size=limits["chunk-size"],
+            prefix_locality=limits["prefix-locality"],
         )
         todo = [chunk for chunk in range(layout.chunks) if chunk not in earlier]
         request = GenerationRequest(
@@ -115,7 +123,7 @@ def run(
         )
         records = record_meta()
         if todo:
-            plan = Plan(prompts, lengths, layout, todo)
+            plan = Plan(prompts, survey, layout, todo, limits["partitioning"])
             deadline = started + limits["timeout"] if limits["timeout"] else None
             records = generate(
                 client,
@@ -127,6 +135,7 @@ def run(
                 startup_timeout=settings["cluster"]["startup-timeout"],
                 deadline=deadline,
                 progress=progress,
+                gang_mode=gang_mode,
             )
     finally:
         client.close()
@@ -142,20 +151,20 @@ def run(
 def prepare_output(
     output: str,
     source: str,
-    lengths: list[int],
-    fingerprint: str,
+    survey: io.Survey,
     settings: dict[str, Any],
     *,
     resume: bool,
     ranks: int,
     chunk_size: int,
+    prefix_locality: bool,
 ) -> tuple[checkpoint.Layout, dict[int, dict[str, Any]]]:
     """The chunk layout, and the verified records of chunks an earlier run finished.
 
     A new run (or ``--overwrite``) clears the output and writes a fresh manifest; ``--resume``
-    checks the manifest against this input and these settings first.
+    checks the manifest against this input and these settings first, and keeps its layout.
     """
-    rows = sum(lengths)
+    rows, fingerprint = survey.rows, survey.fingerprint
     manifest = checkpoint.read_manifest(output) if resume else None
     if manifest is None:
         if resume and io.has_results(output):
@@ -164,7 +173,9 @@ def prepare_output(
                 "pass --overwrite to replace it, or choose another -o/--output"
             )
         io.clear_output(output)
-        layout = checkpoint.layout(rows, ranks, int(chunk_size))
+        by_prefix = prefix_locality and survey.shares_prefixes()
+        costs = survey.costs[np.argsort(survey.slots())] if by_prefix else survey.costs
+        layout = checkpoint.layout(costs, ranks, int(chunk_size), by_prefix)
         checkpoint.write_manifest(checkpoint.new_manifest(source, fingerprint, layout, settings), output)
         return layout, {}
     differences = checkpoint.differences(manifest, fingerprint, rows, settings)
@@ -174,26 +185,47 @@ def prepare_output(
             + "; ".join(differences)
             + "; run with the same input and settings, or pass --overwrite to start again"
         )
-    layout = checkpoint.Layout(rows, manifest["chunk_rows"])
+    layout = checkpoint.Layout(rows, manifest["chunk_rows"], manifest.get("row_order") == "prefix")
     return layout, checkpoint.verified_records(output, layout)
+
+
+BALANCED, DYNAMIC = "balanced", "dynamic"
+DYNAMIC_PARTITIONS_PER_RANK = 8
+IN_FLIGHT_PER_RANK = 2  # a rank's next partition waits on its worker, not on the client
 
 
 @dataclass
 class Plan:
-    """What is left to generate: the input, its chunks, and the chunks not yet done."""
+    """What is left to generate: the input, its chunks, the chunks not yet done, and how
+    they are spread: ``balanced`` (one partition per rank, of about equal estimated cost) or
+    ``dynamic`` (more, smaller partitions, handed out costliest first as ranks free up)."""
 
     prompts: io.Prompts
-    lengths: list[int]
+    survey: io.Survey
     layout: checkpoint.Layout
     todo: list[int]
+    mode: str = BALANCED
+
+    def __post_init__(self):
+        if self.mode not in (BALANCED, DYNAMIC):
+            raise UserError(f"--partitioning must be {BALANCED} or {DYNAMIC}, got {self.mode!r}")
 
     @property
     def rows(self) -> int:
         return sum(self.layout.chunk_size(chunk) for chunk in self.todo)
 
     def partitions(self, ranks: int, id_column: str) -> dd.DataFrame:
-        """The chunks left to do, in one partition per rank."""
-        return io.balance(self.prompts.frame, self.lengths, self.layout, self.todo, ranks, id_column)
+        """The chunks left to do, in partitions of about equal cost, costliest first.
+
+        With the rows put together by prefix, each partition is a run of neighbouring chunks,
+        so that rows sharing a prefix meet on one rank.
+        """
+        parts = ranks if self.mode == BALANCED else ranks * DYNAMIC_PARTITIONS_PER_RANK
+        slots = self.survey.slots() if self.layout.by_prefix else None
+        costs = self.survey.costs if slots is None else self.survey.costs[np.argsort(slots)]
+        chunk_costs = io.chunk_costs(costs, self.layout)
+        groups = io.assign(chunk_costs, self.todo, parts, contiguous=self.layout.by_prefix)
+        return io.partition(self.prompts.frame, self.survey.lengths, self.layout, groups, id_column, slots)
 
 
 def generate(
@@ -207,11 +239,19 @@ def generate(
     startup_timeout: float,
     deadline: float | None,
     progress: TextIO | None,
+    gang_mode: GangMode | None = None,
 ) -> pd.DataFrame:
     """Load the engines while the input is read and split, then generate the plan's chunks.
 
     Returns the chunk records of every partition.
     """
+    if gang_mode is not None:  # gang mode: the ranks run as one vLLM group, by daskdp/gang.py
+        from daskdp import gang
+
+        return gang.generate(
+            client, plan, plugin, request, output, mode=gang_mode,
+            startup_timeout=startup_timeout, deadline=deadline, progress=progress,
+        )  # fmt: skip
     loader = ThreadPoolExecutor(1, thread_name_prefix="daskdp-load")
     try:
         loading = loader.submit(ensure_engines, client, plugin, startup_timeout)
@@ -228,9 +268,10 @@ def generate(
     if len(ranks) != planned_ranks:  # workers joined or left while the engines loaded
         partitions = plan.partitions(len(ranks), request.id_column)
     results = partitions.map_partitions(generate_and_write, request, output, meta=record_meta())
-    monitor = Monitor(client, request.run_id, plan.rows, progress, startup_timeout)
     tensor_parallel_size = int(plugin.engine_args.get("tensor_parallel_size", 1))
-    return monitor.wait(submit(client, results, ranks, tensor_parallel_size), deadline)
+    dispatcher = Dispatcher(client, results, ranks, tensor_parallel_size, plan.mode)
+    monitor = Monitor(client, request.run_id, plan.rows, progress, startup_timeout)
+    return monitor.wait(dispatcher, deadline)
 
 
 def gpu_workers(client: Client) -> list[str]:
@@ -244,18 +285,53 @@ def check_model(model: str) -> None:
         raise UserError(f"model directory {model} does not exist; check --model")
 
 
-def submit(client: Client, results: dd.DataFrame, ranks: list[str], tensor_parallel_size: int) -> dict:
-    """One future per partition, partition ``i`` preferring rank ``i``'s worker."""
-    futures = {}
-    for i, part in enumerate(results.to_delayed()):
-        future = client.compute(
-            part,
-            resources={GPU: tensor_parallel_size},
-            workers=[ranks[i % len(ranks)]],
-            allow_other_workers=True,
-        )
-        futures[future] = i
-    return futures
+class Dispatcher:
+    """Hands the partitions to the ranks as Dask futures; partition ``i`` prefers one rank.
+
+    ``balanced``: every partition at once, partition ``i`` on rank ``i``. ``dynamic``: in
+    order (costliest first), at most ``IN_FLIGHT_PER_RANK`` per rank, each to the rank with
+    the fewest in flight, so a rank that finishes early takes more. Either way a partition
+    may run on another ``GPU`` worker when its own is gone.
+    """
+
+    def __init__(
+        self, client: Client, results: dd.DataFrame, ranks: list[str], tensor_parallel_size: int, mode: str
+    ):
+        self.client = client
+        self.waiting = list(enumerate(results.to_delayed()))
+        self.ranks = ranks
+        self.resources = {GPU: tensor_parallel_size}
+        self.mode = mode
+        self.limit = len(self.waiting) if mode == BALANCED else IN_FLIGHT_PER_RANK * len(ranks)
+        self.partition: dict[Future, int] = {}
+        self.assigned: dict[Future, str] = {}
+
+    def submit(self) -> set[Future]:
+        """Submit partitions until the limit of those in flight is reached; the new futures."""
+        submitted = set()
+        while self.waiting and len(self.assigned) < self.limit:
+            i, part = self.waiting.pop(0)
+            if self.mode == BALANCED:
+                rank = self.ranks[i % len(self.ranks)]
+            else:
+                load = dict.fromkeys(self.ranks, 0)
+                for busy in self.assigned.values():
+                    load[busy] += 1
+                rank = min(load, key=load.get)
+            future = self.client.compute(
+                part, resources=self.resources, workers=[rank], allow_other_workers=True
+            )
+            self.partition[future], self.assigned[future] = i, rank
+            submitted.add(future)
+        return submitted
+
+    def finished(self, future: Future) -> set[Future]:
+        """Account for a finished future; the futures submitted in its place."""
+        del self.assigned[future]
+        return self.submit()
+
+
+RATE_WINDOW = 5.0  # seconds over which the ranks' rates are shown
 
 
 class Monitor:
@@ -284,6 +360,7 @@ class Monitor:
         self.last_line = self.started
         self.workers_seen = self.started
         self.waiting_for_workers = False
+        self.history: collections.deque = collections.deque([(self.started, {})])
         self.bar = None
         if stream is not None and stream.isatty():
             from tqdm import tqdm
@@ -298,11 +375,11 @@ class Monitor:
         with self.lock:
             self.partitions.setdefault(message["partition"], {}).update(message)
 
-    def wait(self, futures: dict[Future, int], deadline: float | None) -> pd.DataFrame:
+    def wait(self, dispatcher: Dispatcher, deadline: float | None) -> pd.DataFrame:
         """The chunk records of every partition; raises ``RunError`` when the run cannot finish."""
         from distributed import wait
 
-        pending = set(futures)
+        pending = dispatcher.submit()
         records = [record_meta()]
         try:
             while pending:
@@ -311,9 +388,10 @@ class Monitor:
                 except TimeoutError:
                     done = set()
                 for future in done:
-                    records.append(self.result(future, futures[future]))
+                    records.append(self.result(future, dispatcher.partition[future]))
+                    pending |= dispatcher.finished(future)
                 if pending:
-                    self.check(pending, futures, deadline)
+                    self.check(pending, dispatcher.partition, deadline)
                 self.show(final=not pending)
         except BaseException:
             self.client.cancel(list(pending))
@@ -372,18 +450,32 @@ class Monitor:
             )
 
     def show(self, final: bool = False) -> None:
+        """Rows done, and rows/s and output tokens/s of each rank over the last few seconds."""
         with self.lock:
-            done = sum(state.get("done", 0) for state in self.partitions.values())
-            tokens = sum(state.get("output_tokens", 0) for state in self.partitions.values())
-        done = min(done, self.total_rows)
-        elapsed = max(time.monotonic() - self.started, 1e-9)
+            by_rank: dict[int, np.ndarray] = {}
+            for state in self.partitions.values():
+                counts = np.array([state.get("done", 0), state.get("output_tokens", 0)], dtype=float)
+                by_rank[state["rank"]] = by_rank.get(state["rank"], 0) + counts
+        now = time.monotonic()
+        self.history.append((now, by_rank))
+        while len(self.history) > 2 and now - self.history[1][0] >= RATE_WINDOW:
+            self.history.popleft()
+        then, before = self.history[0]
+        elapsed = max(now - then, 1e-9)
+        rates = {rank: (counts - before.get(rank, 0)) / elapsed for rank, counts in sorted(by_rank.items())}
+        done = min(int(sum(counts[0] for counts in by_rank.values())), self.total_rows)
+        per_rank = "; ".join(
+            f"rank {rank} {rows:,.0f} rows/s {tokens:,.0f} tok/s" for rank, (rows, tokens) in rates.items()
+        )
         if self.bar is not None:
             self.bar.n = done
-            self.bar.set_postfix_str(f"{tokens / elapsed:,.0f} out tok/s", refresh=True)
-        elif self.stream is not None and (final or time.monotonic() - self.last_line >= 10):
-            self.last_line = time.monotonic()
+            self.bar.set_postfix_str(per_rank, refresh=True)
+        elif self.stream is not None and (final or now - self.last_line >= RATE_WINDOW):
+            self.last_line = now
+            total = sum(tokens for _, tokens in rates.values())
             print(
-                f"{done:,}/{self.total_rows:,} rows, {tokens / elapsed:,.0f} output tokens/s",
+                f"{done:,}/{self.total_rows:,} rows, {total:,.0f} output tokens/s"
+                + (f" ({per_rank})" if per_rank else ""),
                 file=self.stream,
                 flush=True,
             )
@@ -424,6 +516,7 @@ def summarize(
         "prompt_tokens": sum(record["prompt_tokens"] for record in generated),
         "output_tokens": output_tokens,
         "output_tokens_per_second": round(output_tokens / wall, 1) if wall else 0.0,
+        "prefix_cache_hit_rate": hit_rate(generated),
         "chunk_rows": layout.chunk_rows,
         "chunks": [
             {key: record[key] for key in CHUNK_SUMMARY_KEYS}
@@ -456,8 +549,20 @@ def per_rank(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
         for record in chunks:
             busy += max(0.0, record["finished"] - max(record["started"], end))
             end = max(end, record["finished"])
-        ranks[int(rank)] = {"rows": sum(r["rows"] for r in chunks), "busy_seconds": round(busy, 3)}
+        ranks[int(rank)] = {
+            "rows": sum(r["rows"] for r in chunks),
+            "busy_seconds": round(busy, 3),
+            "output_tokens": sum(r["output_tokens"] for r in chunks),
+            "prefix_cache_hit_rate": hit_rate(chunks),
+        }
     return ranks
+
+
+def hit_rate(records: list[dict[str, Any]]) -> float | None:
+    """The fraction of prompt tokens found in the engines' prefix caches; None without lookups."""
+    queries = sum(record.get("prefix_cache_queries", 0) for record in records)
+    hits = sum(record.get("prefix_cache_hits", 0) for record in records)
+    return round(hits / queries, 4) if queries else None
 
 
 def check_finished(summary: dict[str, Any], max_error_rate: float | None) -> None:
@@ -491,8 +596,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"output tokens   {summary['output_tokens']:>12,}",
         f"wall time       {summary['wall_seconds']:>11.1f}s",
         f"output tok/s    {summary['output_tokens_per_second']:>12,.1f}",
-        "rank        rows      busy",
     ]
+    if summary.get("prefix_cache_hit_rate") is not None:
+        lines.append(
+            f"prefix cache    {summary['prefix_cache_hit_rate']:>12.1%}   (prompt tokens found cached)"
+        )
+    lines.append("rank        rows      busy")
     for rank, stats in summary["ranks"].items():
         lines.append(f"{rank:>4} {stats['rows']:>11,} {stats['busy_seconds']:>8.1f}s")
     lines.append(f"results in {summary['output']}")

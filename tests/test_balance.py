@@ -1,0 +1,159 @@
+"""Load balance: chunks sized and spread by estimated cost, and dynamic partitioning."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import daskdp_cli, read_results
+from daskdp import checkpoint, io
+
+LONG, SHORT = 48, 4
+
+
+@pytest.fixture(scope="module")
+def skewed(tmp_path_factory):
+    """2,000 rows grouped by length as datasets often arrive: 1,800 short, then 200 long."""
+    directory = tmp_path_factory.mktemp("skewed")
+    source = directory / "prompts.jsonl"
+    rows = [
+        {"id": f"r{i}", "prompt": f"Question {i}: say something about topic {i % 37}.", "max_tokens": n}
+        for i, n in enumerate([SHORT] * 1800 + [LONG] * 200)
+    ]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return source
+
+
+def run(source, out, client, *flags) -> pd.DataFrame:
+    done = daskdp_cli(
+        "run",
+        source,
+        "-o",
+        out,
+        "--scheduler-address",
+        client.scheduler.address,
+        "--ignore-eos",
+        "--quiet",
+        *flags,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return read_results(out).sort_values("id", ignore_index=True)
+
+
+def test_balanced_ranks_get_equal_work_from_skewed_input(skewed, tmp_path, cluster):
+    """One partition per rank, each with about half the work (prompt and output tokens): an even
+    split of the rows would give the second rank all the long rows (twice the first one's work)."""
+    _, client = cluster
+    results = run(skewed, tmp_path / "out", client)
+    assert len(results) == 2000 and results["id"].is_unique and results["error"].isna().all()
+    assert list(results["output_tokens"]) == list(results["max_tokens"])
+    work = (results["prompt_tokens"] + results["output_tokens"]).groupby(results["rank"]).sum()
+    assert len(work) == 2
+    assert work.max() / work.min() < 1.1, work.to_dict()
+    summary = json.loads((tmp_path / "out" / io.SUMMARY_FILE).read_text())
+    assert {chunk["rank"] for chunk in summary["chunks"]} == {0, 1}
+
+
+def test_dynamic_partitioning_gives_the_same_rows(skewed, tmp_path, cluster):
+    """Smaller partitions handed out as ranks free up: every row once, the same texts, both ranks busy."""
+    _, client = cluster
+    balanced = run(skewed, tmp_path / "balanced", client)
+    dynamic = run(skewed, tmp_path / "dynamic", client, "--partitioning", "dynamic")
+    assert list(dynamic["id"]) == list(balanced["id"])
+    assert list(dynamic["generated_text"]) == list(balanced["generated_text"])
+    assert set(dynamic["rank"]) == {0, 1}
+
+
+def test_bad_partitioning_is_one_line(skewed):
+    done = daskdp_cli("run", skewed, "--partitioning", "random")
+    assert done.returncode == 2
+    assert "--partitioning: invalid choice: 'random'" in done.stderr
+
+
+def test_costly_rows_make_smaller_chunks():
+    """Uniform costs keep --chunk-size chunks; long rows at the end shrink them until no chunk
+    holds more than 1/8 of a rank's share, but not below 64 rows."""
+    uniform = np.full(20_000, 40)
+    assert checkpoint.layout(uniform, ranks=2, chunk_size=1024).chunk_rows == 1000
+    skewed = np.concatenate([np.full(18_000, 10), np.full(2_000, 210)])
+    layout = checkpoint.layout(skewed, ranks=2, chunk_size=1024)
+    chunk_costs = np.add.reduceat(skewed, np.arange(0, len(skewed), layout.chunk_rows))
+    assert chunk_costs.max() <= skewed.sum() / 16
+    assert 64 <= layout.chunk_rows < 1000
+    assert checkpoint.layout(np.array([1, 1, 1, 1000]), ranks=2, chunk_size=1024).chunk_rows == 2
+
+
+def test_chunks_are_spread_costliest_first():
+    """Each chunk goes to the cheapest group so far; groups come costliest first, chunks in input order."""
+    costs = np.array([1, 1, 1, 1, 9, 4])
+    assert io.assign(costs, list(range(6)), 2) == [[4], [0, 1, 2, 3, 5]]
+    assert io.assign(costs, [0, 1], 4) == [[0], [1]]  # no more groups than chunks
+
+
+def test_row_costs_are_prompt_and_output_tokens():
+    part = pd.DataFrame(
+        {
+            "prompt": ["x" * 40, None, "y" * 8],
+            "messages": [None, [{"role": "user", "content": "z" * 20}], None],
+            "max_tokens": [None, 7, "bad"],
+        }
+    )
+    assert list(io.row_costs(part, ("prompt", "messages"), 100)) == [110, 12, 102]
+
+
+@pytest.fixture(scope="module")
+def shared_prefixes(tmp_path_factory):
+    """600 rows, each one of 4 long system prompts and a short question, the prompts shuffled;
+    and 3 bad rows (a number, a null, an empty prompt) that become error rows."""
+    directory = tmp_path_factory.mktemp("prefixes")
+    heads = [
+        f"System {k}: " + " ".join(f"rule {j} of policy {k}: be kind." for j in range(20)) for k in range(4)
+    ]
+    rows = [
+        {"id": f"q{i}", "head": i * 7 % 4, "prompt": f"{heads[i * 7 % 4]} Question {i}?"} for i in range(600)
+    ]
+    rows[100:100] = [{"id": f"bad{i}", "head": -1, "prompt": p} for i, p in enumerate([42, None, ""])]
+    source = directory / "prompts.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return source
+
+
+def test_rows_sharing_a_prefix_meet_on_one_rank(shared_prefixes, tmp_path, cluster):
+    """Prefix locality: each system prompt's rows go to one rank (one may straddle the two),
+    the same texts as without it, and a resumed run redoes only the chunk that is missing."""
+    _, client = cluster
+    out = tmp_path / "out"
+    local = run(shared_prefixes, out, client, "--max-tokens", 4)
+    plain = run(shared_prefixes, tmp_path / "plain", client, "--max-tokens", 4, "--no-prefix-locality")
+    assert json.loads((out / checkpoint.MANIFEST_FILE).read_text())["row_order"] == "prefix"
+    assert json.loads((tmp_path / "plain" / checkpoint.MANIFEST_FILE).read_text())["row_order"] == "input"
+    assert list(local["id"]) == list(plain["id"]) and local["id"].is_unique and len(local) == 603
+    assert list(local["generated_text"].fillna("")) == list(plain["generated_text"].fillna(""))
+    assert sorted(local.loc[local["error"].notna(), "id"]) == ["bad0", "bad1", "bad2"]
+    local, plain = local[local["head"] >= 0], plain[plain["head"] >= 0]
+    ranks_per_head = local.groupby("head")["rank"].nunique()
+    assert sorted(ranks_per_head) in ([1, 1, 1, 1], [1, 1, 1, 2]), ranks_per_head.to_dict()
+    assert sorted(plain.groupby("head")["rank"].nunique()) == [2, 2, 2, 2]
+    summary = json.loads((out / io.SUMMARY_FILE).read_text())
+    assert summary["prefix_cache_hit_rate"] > 0.5
+
+    lost = sorted(out.glob("part-*.parquet"))[1]
+    lost_ids = set(pd.read_parquet(lost)["id"])
+    lost.unlink()
+    resumed = run(shared_prefixes, out, client, "--max-tokens", 4, "--resume")
+    resumed = resumed[resumed["head"] >= 0]
+    assert list(resumed["id"]) == list(local["id"])
+    assert list(resumed["generated_text"]) == list(local["generated_text"])
+    summary = json.loads((out / io.SUMMARY_FILE).read_text())
+    assert summary["rows_generated"] == len(lost_ids) and summary["rows_skipped"] == 603 - len(lost_ids)
+
+
+def test_only_long_shared_prefixes_reorder_rows():
+    survey = io.Survey([4], "", np.ones(4), np.array([[1, 10], [2, 20], [0, 30], [0, 30]], dtype=np.uint64))
+    assert not survey.shares_prefixes()  # 0: a prompt too short to have a long prefix
+    grouped = io.Survey([4], "", np.ones(4), np.array([[5, 1], [9, 2], [5, 3], [9, 4]], dtype=np.uint64))
+    assert grouped.shares_prefixes()
+    assert list(grouped.slots()) == [0, 2, 1, 3]
