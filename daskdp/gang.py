@@ -382,13 +382,16 @@ class GangDispatcher:
         self.partition: dict[Future, int] = {}
 
     def submit(self) -> set[Future]:
+        """The first call submits every rank's task; the new futures (none after the first)."""
+        submitted = set()
         for rank, (task, address) in enumerate(zip(self.tasks, self.members, strict=True)):
             future = self.client.compute(
                 task, resources=self.resources, workers=[address], allow_other_workers=False, retries=0
             )
             self.partition[future] = rank
+            submitted.add(future)
         self.tasks = []
-        return set(self.partition)
+        return submitted
 
     def finished(self, future: Future) -> set[Future]:
         return set()

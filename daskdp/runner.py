@@ -192,6 +192,7 @@ def prepare_output(
 BALANCED, DYNAMIC = "balanced", "dynamic"
 DYNAMIC_PARTITIONS_PER_RANK = 8
 IN_FLIGHT_PER_RANK = 2  # a rank's next partition waits on its worker, not on the client
+FOLLOW_INTERVAL = 5.0  # seconds between looks for workers that joined or left (dynamic)
 
 
 @dataclass
@@ -269,7 +270,7 @@ def generate(
         partitions = plan.partitions(len(ranks), request.id_column)
     results = partitions.map_partitions(generate_and_write, request, output, meta=record_meta())
     tensor_parallel_size = int(plugin.engine_args.get("tensor_parallel_size", 1))
-    dispatcher = Dispatcher(client, results, ranks, tensor_parallel_size, plan.mode)
+    dispatcher = Dispatcher(client, results, ranks, tensor_parallel_size, plan.mode, plugin.fingerprint)
     monitor = Monitor(client, request.run_id, plan.rows, progress, startup_timeout)
     return monitor.wait(dispatcher, deadline)
 
@@ -290,24 +291,43 @@ class Dispatcher:
 
     ``balanced``: every partition at once, partition ``i`` on rank ``i``. ``dynamic``: in
     order (costliest first), at most ``IN_FLIGHT_PER_RANK`` per rank, each to the rank with
-    the fewest in flight, so a rank that finishes early takes more. Either way a partition
-    may run on another ``GPU`` worker when its own is gone.
+    the fewest in flight, so a rank that finishes early takes more; a ``GPU`` worker that
+    joins becomes a rank once it holds the run's engine (``fingerprint``), and one that leaves
+    stops being one. Either way a partition may run on another ``GPU`` worker when its own is
+    gone.
     """
 
     def __init__(
-        self, client: Client, results: dd.DataFrame, ranks: list[str], tensor_parallel_size: int, mode: str
+        self,
+        client: Client,
+        results: dd.DataFrame,
+        ranks: list[str],
+        tensor_parallel_size: int,
+        mode: str,
+        fingerprint: str,
     ):
         self.client = client
         self.waiting = list(enumerate(results.to_delayed()))
-        self.ranks = ranks
+        self.ranks = list(ranks)
         self.resources = {GPU: tensor_parallel_size}
         self.mode = mode
-        self.limit = len(self.waiting) if mode == BALANCED else IN_FLIGHT_PER_RANK * len(ranks)
+        self.fingerprint = fingerprint
         self.partition: dict[Future, int] = {}
         self.assigned: dict[Future, str] = {}
+        self.looked = time.monotonic()
+
+    @property
+    def limit(self) -> int:
+        return (
+            len(self.waiting) + len(self.assigned)
+            if self.mode == BALANCED
+            else IN_FLIGHT_PER_RANK * len(self.ranks)
+        )
 
     def submit(self) -> set[Future]:
         """Submit partitions until the limit of those in flight is reached; the new futures."""
+        if self.mode == DYNAMIC and self.waiting:
+            self.follow_workers()
         submitted = set()
         while self.waiting and len(self.assigned) < self.limit:
             i, part = self.waiting.pop(0)
@@ -329,6 +349,21 @@ class Dispatcher:
         """Account for a finished future; the futures submitted in its place."""
         del self.assigned[future]
         return self.submit()
+
+    def follow_workers(self) -> None:
+        """Every few seconds: the ranks are the ``GPU`` workers that hold the run's engine."""
+        from daskdp.plugin import engine_status
+
+        if time.monotonic() - self.looked < FOLLOW_INTERVAL:
+            return
+        self.looked = time.monotonic()
+        alive = gpu_workers(self.client)
+        joined = [worker for worker in alive if worker not in self.ranks]
+        held = self.client.run(engine_status, workers=joined, on_error="ignore") if joined else {}
+        ranks = [rank for rank in self.ranks if rank in alive]
+        ranks += [worker for worker, status in held.items() if status and status[0] == self.fingerprint]
+        if ranks:
+            self.ranks = ranks
 
 
 RATE_WINDOW = 5.0  # seconds over which the ranks' rates are shown
@@ -390,6 +425,7 @@ class Monitor:
                 for future in done:
                     records.append(self.result(future, dispatcher.partition[future]))
                     pending |= dispatcher.finished(future)
+                pending |= dispatcher.submit()  # to ranks that joined
                 if pending:
                     self.check(pending, dispatcher.partition, deadline)
                 self.show(final=not pending)

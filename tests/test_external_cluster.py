@@ -167,26 +167,30 @@ def client(scheduler):
 @pytest.fixture
 def worker(scheduler, sessions, client):
     """One GPU=1 `dask worker` without a nanny, in its own session, once it has joined: its process."""
+    process = join_worker(scheduler, sessions, client, "worker")
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    assert len(info) == 1 and next(iter(info.values()))["resources"] == {"GPU": 1}
+    return process
+
+
+def join_worker(scheduler: str, sessions: Sessions, client: Client, log: str) -> subprocess.Popen:
+    """Start a GPU=1 `dask worker` without a nanny and wait until it has joined: its process."""
     process = sessions.start(
         [
             *DASK, "worker", scheduler, "--no-nanny", "--nthreads", "1", "--resources", "GPU=1",
             "--preload", "daskdp.plugin", "--host", "127.0.0.1", "--no-dashboard", "--death-timeout", "30",
         ],
-        "worker",
+        log,
         env=WORKER_ENV,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while True:  # joined: the scheduler knows a worker whose process is this one
-        assert process.poll() is None, sessions.log("worker")[-3000:]
+        assert process.poll() is None, sessions.log(log)[-3000:]
         pids = client.run(os.getpid) if client.scheduler_info(n_workers=-1)["workers"] else {}
-        mine = [address for address, pid in pids.items() if pid == process.pid]
-        if mine:
-            break
-        assert time.monotonic() < deadline, "the worker did not join in 120 s"
+        if process.pid in pids.values():
+            return process
+        assert time.monotonic() < deadline, f"{log} did not join in 120 s"
         time.sleep(0.2)
-    info = client.scheduler_info(n_workers=-1)["workers"]
-    assert list(info) == mine and info[mine[0]]["resources"] == {"GPU": 1}
-    return process
 
 
 def wait_for_chunks(output: Path, process: subprocess.Popen, sessions: Sessions, timeout: float = 600):
@@ -295,3 +299,24 @@ def test_a_warm_external_cluster_is_reused(scheduler, worker, client, sessions, 
     marked_engine, marked_llm, calls_after = client.run(inspect)[address]
     assert (marked_engine, marked_llm) == (token, token), "the second run loaded the engine again"
     assert calls_after > calls, "the second run did not generate on the engine the first one loaded"
+
+
+def test_a_worker_that_joins_takes_work(scheduler, worker, client, sessions, tmp_path):
+    """--partitioning dynamic: a GPU worker started mid-run gets the engine from the scheduler's
+    plugin and takes partitions once it has loaded it; every row once."""
+    rows = 2400
+    source = tmp_path / "prompts.parquet"
+    pd.DataFrame(
+        {"id": range(rows), "prompt": [f"Item {i}: describe it." for i in range(rows)], "max_tokens": 48}
+    ).to_parquet(source)
+    output = tmp_path / "out"
+    command = [*DASKDP, "run", source, "-o", output, "--scheduler-address", scheduler, "--ignore-eos"]
+    run = sessions.start([*command, "--partitioning", "dynamic", "--quiet"], "run")
+    wait_for_chunks(output, run, sessions)
+    join_worker(scheduler, sessions, client, "joined")
+    sessions.wait(run, "run", timeout=900)
+    assert run.returncode == 0, sessions.log("run")[-3000:]
+    results = read_results(output)
+    assert sorted(results["id"]) == list(range(rows)) and results["error"].isna().all()
+    by_worker = results.groupby("worker").size()
+    assert len(by_worker) == 2, f"the joined worker took no work: {by_worker.to_dict()}"
