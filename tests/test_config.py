@@ -57,6 +57,13 @@ def test_engine_arguments_for_a_gpu_model():
     assert "kv_cache_memory_bytes" not in arguments  # the CPU-only settings stay off GPU hosts
 
 
+def test_existing_cluster_example_connects_and_starts_nothing():
+    settings = config.load(REPO / "conf" / "cluster" / "existing.yaml")
+    assert settings["cluster"]["scheduler-address"] == "tcp://10.1.0.12:8786"
+    assert settings["cluster"]["type"] == "local" and settings["cluster"]["workers"] is None
+    assert settings["run"]["partitioning"] == "dynamic"
+
+
 def test_tiny_model_on_cpu_hosts_and_none_on_gpu_hosts():
     model, arguments = config.engine_arguments(config.load(), gpu_host=False)
     assert model.endswith("tiny-llama") and arguments["dtype"] == "float32"
