@@ -437,7 +437,8 @@ def test_a_killed_rank_stops_the_gang(plain):
         gang.run_ranks(client, tasks, members, resources={"GPU": 1}, straggler_timeout=60)
     killer.join()
     assert "at" in killed, "the ranks never joined their group"
-    assert time.monotonic() - killed["at"] < 30
+    # Stopped by the gang's rules, not by the rank's own all-reduce, which would wait 120 s.
+    assert time.monotonic() - killed["at"] < 100
     assert error.value.resumable
     assert not process_alive(pids[members[0]])
 
