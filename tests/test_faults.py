@@ -19,7 +19,7 @@ import pytest
 
 from conftest import DASKDP, daskdp_cli, plain_vllm, read_results
 
-ROWS = 240
+ROWS = 160
 
 
 def staggered_prompts(path, rows=ROWS):
@@ -28,7 +28,7 @@ def staggered_prompts(path, rows=ROWS):
         {
             "id": [f"r{i:03d}" for i in range(rows)],
             "prompt": [f"Story {i} about the sea." for i in range(rows)],
-            "max_tokens": [40 + 4 * i for i in range(rows)],
+            "max_tokens": [24 + 3 * i for i in range(rows)],
         }
     ).to_parquet(path)
     return path
