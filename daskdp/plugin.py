@@ -77,7 +77,16 @@ def dask_setup(worker: Worker) -> None:
     The import takes seconds; it then overlaps the worker's start, the client's reading of the
     input, and the plugin's registration, instead of preceding the model load.
     """
-    threading.Thread(target=import_vllm, name="daskdp-import-vllm", daemon=True).start()
+    threading.Thread(target=_import_ahead, name="daskdp-import-vllm", daemon=True).start()
+
+
+def _import_ahead() -> None:
+    try:
+        import_vllm()
+    except BaseException:
+        # The worker closed mid-import (a run that stopped early); an engine's load imports
+        # vLLM again and reports what fails. A traceback here would land in the user's terminal.
+        logger.debug("importing vLLM ahead of the engine stopped", exc_info=True)
 
 
 class Engine:
