@@ -383,7 +383,9 @@ class GangDispatcher:
 
     def submit(self) -> set[Future]:
         """The first call submits every rank's task; the new futures (none after the first)."""
-        submitted = set()
+        submitted: set[Future] = set()
+        if not self.tasks:
+            return submitted
         for rank, (task, address) in enumerate(zip(self.tasks, self.members, strict=True)):
             future = self.client.compute(
                 task, resources=self.resources, workers=[address], allow_other_workers=False, retries=0
