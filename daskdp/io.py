@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import posixpath
@@ -75,13 +76,19 @@ class Survey:
         _, counts = np.unique(long[long != NO_LONG_PREFIX], return_counts=True)
         return counts[counts > 1].sum() >= SHARED_PREFIX_ROWS * self.rows
 
-    def slots(self) -> np.ndarray:
-        """Each row's place when rows sharing a prefix are put together (input order within)."""
-        keys = self.prefix_keys
-        order = np.lexsort((np.arange(self.rows), *keys.T[::-1]))
+    @functools.cached_property
+    def prefix_order(self) -> np.ndarray:
+        """The rows, by input position, with rows sharing a prefix together (input order within)."""
+        return np.lexsort((np.arange(self.rows), *self.prefix_keys.T[::-1]))
+
+    def arrangement(self, by_prefix: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        """Each row's place (``None``: input order) and the rows' costs in that order."""
+        if not by_prefix:
+            return None, self.costs
+        order = self.prefix_order
         slots = np.empty(self.rows, dtype=np.int64)
         slots[order] = np.arange(self.rows)
-        return slots
+        return slots, self.costs[order]
 
 
 @dataclass

@@ -174,7 +174,7 @@ def prepare_output(
             )
         io.clear_output(output)
         by_prefix = prefix_locality and survey.shares_prefixes()
-        costs = survey.costs[np.argsort(survey.slots())] if by_prefix else survey.costs
+        _, costs = survey.arrangement(by_prefix)
         layout = checkpoint.layout(costs, ranks, int(chunk_size), by_prefix)
         checkpoint.write_manifest(checkpoint.new_manifest(source, fingerprint, layout, settings), output)
         return layout, {}
@@ -222,8 +222,7 @@ class Plan:
         so that rows sharing a prefix meet on one rank.
         """
         parts = ranks if self.mode == BALANCED else ranks * DYNAMIC_PARTITIONS_PER_RANK
-        slots = self.survey.slots() if self.layout.by_prefix else None
-        costs = self.survey.costs if slots is None else self.survey.costs[np.argsort(slots)]
+        slots, costs = self.survey.arrangement(self.layout.by_prefix)
         chunk_costs = io.chunk_costs(costs, self.layout)
         groups = io.assign(chunk_costs, self.todo, parts, contiguous=self.layout.by_prefix)
         return io.partition(self.prompts.frame, self.survey.lengths, self.layout, groups, id_column, slots)

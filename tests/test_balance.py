@@ -154,6 +154,9 @@ def test_rows_sharing_a_prefix_meet_on_one_rank(shared_prefixes, tmp_path, clust
 def test_only_long_shared_prefixes_reorder_rows():
     survey = io.Survey([4], "", np.ones(4), np.array([[1, 10], [2, 20], [0, 30], [0, 30]], dtype=np.uint64))
     assert not survey.shares_prefixes()  # 0: a prompt too short to have a long prefix
-    grouped = io.Survey([4], "", np.ones(4), np.array([[5, 1], [9, 2], [5, 3], [9, 4]], dtype=np.uint64))
+    grouped = io.Survey(
+        [4], "", np.array([1, 2, 3, 4]), np.array([[5, 1], [9, 2], [5, 3], [9, 4]], dtype=np.uint64)
+    )
     assert grouped.shares_prefixes()
-    assert list(grouped.slots()) == [0, 2, 1, 3]
+    slots, costs = grouped.arrangement(by_prefix=True)
+    assert list(slots) == [0, 2, 1, 3] and list(costs) == [1, 3, 2, 4]
