@@ -63,12 +63,14 @@ def settings(max_tokens: int, config_file: str | os.PathLike | None = None) -> t
 
 
 def nanny_environment() -> dict[str, str]:
-    """What a Dask nanny puts in its worker's environment before spawning it.
+    """What a Dask nanny puts in its worker's environment before spawning it, but glibc's settings.
 
-    ``distributed.nanny.pre-spawn-environ`` (``MALLOC_TRIM_THRESHOLD_``, ``OMP_NUM_THREADS``,
-    ... each unless already set in the environment), ``PYTHONHASHSEED=6640`` and
-    ``distributed.nanny.environ``. These must be in a process's environment when it starts
-    (glibc reads ``MALLOC_TRIM_THRESHOLD_`` at start), so a baseline gets them from its parent.
+    ``distributed.nanny.pre-spawn-environ`` (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ... each
+    unless already set in the environment), ``PYTHONHASHSEED=6640`` and
+    ``distributed.nanny.environ``. These must be in a process's environment when it starts, so a
+    baseline gets them from its parent. Not ``MALLOC_TRIM_THRESHOLD_``: a baseline runs with
+    glibc's defaults, as its users run it; a daskdp rank has the nanny's value and undoes its
+    cost to generation (`daskdp.plugin.keep_buffers_on_heap`).
     """
     import dask.config
 
@@ -78,7 +80,7 @@ def nanny_environment() -> dict[str, str]:
     pre_spawn = {
         key: os.environ.get(key, str(value))
         for key, value in dask.config.get("distributed.nanny.pre-spawn-environ").items()
-        if value is not None
+        if value is not None and not key.startswith("MALLOC_")
     }
     if pre_spawn.get("PYTHONHASHSEED") in (None, "0"):
         pre_spawn["PYTHONHASHSEED"] = "6640"

@@ -42,8 +42,8 @@ minute to minute: only the alternated ratios mean much.
 Environment of the launcher
 ---------------------------
 The launcher's parent process starts with what a Dask nanny gives its worker
-(``distributed.nanny.pre-spawn-environ``: ``MALLOC_TRIM_THRESHOLD_``, ``OMP_NUM_THREADS=1`` ...,
-and ``PYTHONHASHSEED``), and each rank sets, first thing, what daskdp's rank ``r`` of 2 sets before
+(``distributed.nanny.pre-spawn-environ``: ``OMP_NUM_THREADS=1`` ... and ``PYTHONHASHSEED``, but
+glibc's defaults: not ``MALLOC_TRIM_THRESHOLD_``), and each rank sets, first thing, what daskdp's rank ``r`` of 2 sets before
 it imports vLLM: ``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``, ``VLLM_CPU_OMP_THREADS_BIND`` its own
 core (``0`` or ``1`` here), ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``VLLM_DP_RANK=0``,
 ``VLLM_DP_RANK_LOCAL=0``, ``VLLM_DP_SIZE=1`` (dense models refuse a data-parallel group, so each

@@ -32,8 +32,8 @@ processes the run waited for; Ray's own daemons (raylet, its workers) may escape
 
 Environment of the Ray side
 ---------------------------
-Ray's driver starts with what a Dask nanny gives its worker (``MALLOC_TRIM_THRESHOLD_``,
-``OMP_NUM_THREADS=1`` ... and ``PYTHONHASHSEED``; Ray's processes inherit it), and the replicas get
+Ray's driver starts with what a Dask nanny gives its worker (``OMP_NUM_THREADS=1`` ...
+and ``PYTHONHASHSEED``, but glibc's defaults: not ``MALLOC_TRIM_THRESHOLD_``; Ray's processes inherit it), and the replicas get
 the variables a daskdp rank sets before importing vLLM through the processor's
 ``runtime_env={"env_vars": ...}``: ``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``,
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (no separate executor process: vLLM's async engine still runs

@@ -8,6 +8,8 @@ worker's event loop (heartbeats go on while it loads).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import hashlib
 import json
@@ -36,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "daskdp-engine"
 T = TypeVar("T")
+# glibc's mallopt parameter, and the largest mmap threshold its own dynamic tuning reaches on
+# 64-bit hosts (DEFAULT_MMAP_THRESHOLD_MAX).
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ class Engine:
         # an engine loaded after another (independent, then a gang) must read the VLLM_DP_*
         # values set for it, not the first engine's.
         vllm.envs.disable_envs_cache()
+        keep_buffers_on_heap()
         try:
             self.llm = LLM(model=self.model, **self.engine_args)
         except BaseException:
@@ -136,6 +143,21 @@ class Engine:
             return
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def keep_buffers_on_heap() -> None:
+    """Let glibc serve buffers up to 32 MiB from the heap, as it does by default.
+
+    Dask's nanny starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536``
+    (``distributed.nanny.pre-spawn-environ``). Setting any malloc threshold also turns off
+    glibc's dynamic mmap threshold, which then stays at 128 KiB: every larger buffer of the
+    engine's step loop becomes a fresh ``mmap`` and ``munmap``. Generation measured 1.37x
+    slower so. Freed memory is still trimmed at Dask's threshold. Nothing on other C libraries.
+    """
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def _leave_distributed() -> None:
