@@ -27,6 +27,14 @@ from distributed.security import Security
 from daskdp.errors import UserError
 
 GPU = "GPU"
+# Dask's periodic work that runs beside the engines, on cores they keep busy, and slows them:
+# the worker's statistical profiler (a stack sample every 10 ms) and the system monitor's
+# host-wide disk counters (every 500 ms, in the scheduler, nannies and workers). The dashboard
+# keeps its CPU, memory and network plots.
+RANK_DASK_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.system-monitor.disk": False,
+}
 
 
 def visible_gpus() -> list[str]:
@@ -102,7 +110,7 @@ class RankedLocalCluster(LocalCluster):
     ):
         self.rank_environments = rank_environments(ranks, tensor_parallel_size)
         # vLLM spawns its tensor-parallel workers: a worker process must be able to have children.
-        with dask.config.set({"distributed.worker.daemon": tensor_parallel_size == 1}):
+        with dask.config.set({**RANK_DASK_CONFIG, "distributed.worker.daemon": tensor_parallel_size == 1}):
             super().__init__(
                 n_workers=0,
                 threads_per_worker=1,

@@ -32,7 +32,7 @@ from distributed import Client
 from distributed.core import Status
 from distributed.utils import format_dashboard_link
 
-from daskdp.cluster import GPU
+from daskdp.cluster import GPU, RANK_DASK_CONFIG
 from daskdp.errors import RunError, UserError
 
 _sigint = signal.getsignal(signal.SIGINT)
@@ -59,7 +59,15 @@ DEFAULT_MEMORY = "16GB"
 # How long closing waits for cancelled jobs to leave the queue (the queue's kill wait).
 LEAVE_QUEUE_TIMEOUT = 60.0
 # Launch environment of every rank: no engine-core process in the worker, one OpenMP thread.
-JOB_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
+JOB_ENVIRONMENT = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "OMP_NUM_THREADS": "1",
+    # The rank's Dask settings (daskdp.cluster.RANK_DASK_CONFIG), as Dask reads them from the environment.
+    **{
+        "DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
+        for key, value in RANK_DASK_CONFIG.items()
+    },
+}
 
 
 class ClosingJob:

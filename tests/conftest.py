@@ -37,7 +37,8 @@ llm = LLM(model=spec["model"], **spec["engine"])
 params = SamplingParams(**spec["sampling"])
 out = {}
 if spec["prompts"]:
-    outs = llm.generate(spec["prompts"], params, use_tqdm=False)
+    per_prompt = [SamplingParams(**{**spec["sampling"], "max_tokens": n}) for n in spec["max_tokens"]]
+    outs = llm.generate(spec["prompts"], per_prompt or params, use_tqdm=False)
     out["prompts"] = [[o.outputs[0].text, len(o.outputs[0].token_ids), len(o.prompt_token_ids)] for o in outs]
 if spec["messages"]:
     outs = llm.chat(spec["messages"], params, use_tqdm=False)
@@ -53,13 +54,17 @@ TINY_ENGINE = {
 }
 
 
-def plain_vllm(prompts=(), messages=(), **sampling) -> dict[str, list]:
-    """What one plain ``vllm.LLM`` in a fresh process gives: [text, output tokens, prompt tokens]."""
+def plain_vllm(prompts=(), messages=(), max_tokens_per_prompt=(), **sampling) -> dict[str, list]:
+    """What one plain ``vllm.LLM`` in a fresh process gives: [text, output tokens, prompt tokens].
+
+    ``max_tokens_per_prompt``: each prompt's own ``max_tokens``, in place of the one in ``sampling``.
+    """
     spec = {
         "model": str(TINY_MODEL),
         "engine": TINY_ENGINE,
         "sampling": sampling,
         "prompts": list(prompts),
+        "max_tokens": [int(n) for n in max_tokens_per_prompt],
         "messages": [list(m) for m in messages],
     }
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TQDM_DISABLE": "1"}

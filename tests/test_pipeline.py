@@ -53,12 +53,16 @@ def test_two_ranks_match_plain_vllm(tmp_path, oracle):
     assert summary["rows"] == len(frame) and set(summary["ranks"]) == {"0", "1"}
 
 
-def test_ranks_get_whole_chunks_as_evenly_as_possible(tmp_path):
+def test_ranks_get_whole_chunks_as_evenly_as_possible(tmp_path, cluster):
     """Rows are cut into equal chunks, a file each, in a multiple of the ranks: each rank gets
     as many chunks, and rows differ between ranks by less than a chunk."""
+    _, client = cluster
     source = tmp_path / "prompts.jsonl"
     pd.DataFrame({"prompt": [f"p{i}" for i in range(7)]}).to_json(source, orient="records", lines=True)
-    done = daskdp_cli("run", source, "--workers", 2, "--max-tokens", 2, "--chunk-size", 2, "--quiet")
+    done = daskdp_cli(
+        "run", source, "--scheduler-address", client.scheduler.address,
+        "--max-tokens", 2, "--chunk-size", 2, "--quiet",
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     chunks = sorted((tmp_path / "prompts.out").glob("part-*.parquet"))
     assert [chunk.name for chunk in chunks] == [f"part-00000{i}.parquet" for i in range(4)]
