@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -219,6 +222,19 @@ def phase_lines(stdout: str, prefix: str = "PHASES") -> list[dict]:
     return [json.loads(line.removeprefix(prefix)) for line in stdout.splitlines() if line.startswith(prefix)]
 
 
+@contextmanager
+def work_directory(prefix: str, keep: bool) -> Iterator[Path]:
+    """A new temporary directory, removed at the end, or with ``keep`` kept and its path printed."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"kept          {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def help_has(flag: str) -> bool:
     """Whether this daskdp's ``daskdp run --help`` lists ``flag`` (flags still being added)."""
     done = subprocess.run([*DASKDP, "run", "--help"], capture_output=True, text=True, timeout=300)
@@ -264,6 +280,14 @@ def check_rows(name: str, results: pd.DataFrame, rows: int, tokens: int | pd.Ser
     return results
 
 
+def run_daskdp_checked(
+    command: list[str], output: Path, name: str, rows: int, tokens: int | pd.Series, ranks: int | None = None
+) -> tuple[dict, pd.DataFrame]:
+    """``run_daskdp``, then ``check_rows`` on the results it wrote, named ``name``: the run and its rows."""
+    run = run_daskdp(command, output, ranks=ranks)
+    return run, check_rows(name, read_shards(output), rows, tokens)
+
+
 def texts_differ(a: pd.DataFrame, b: pd.DataFrame) -> str:
     """``identical``, or how many rows differ, for two results sorted by id (greedy decoding)."""
     differ = int((a["generated_text"].to_numpy() != b["generated_text"].to_numpy()).sum())
@@ -296,3 +320,45 @@ def imbalance(seconds: Sequence[float], ranks: int) -> float:
     """Makespan over the ideal: the longest rank's seconds over the total spread evenly on ``ranks``."""
     ideal = sum(seconds) / ranks
     return max(seconds) / ideal if ideal > 0 else float("nan")
+
+
+class Sides:
+    """The runs of each side of a benchmark, printed as they come, then their medians and ratios.
+
+    ``labels``: each side's name by its key, ``{"a": "baseline", "b": "daskdp"}``, side ``a`` the
+    one the others are compared with; ``width``: their column (default the longest label).
+    """
+
+    def __init__(self, labels: dict[str, str], width: int | None = None) -> None:
+        self.labels = labels
+        self.width = width or max(map(len, labels.values()))
+        self.runs: dict[str, list[dict]] = {key: [] for key in labels}
+
+    def record(self, round_: int, key: str, run: dict, note: str = "") -> None:
+        """Add a run to side ``key`` and print its seconds, ``note`` and where they went."""
+        self.runs[key].append(run)
+        print(
+            f"round {round_}  ({key}) {self.labels[key]:<{self.width}} {run['seconds']:7.2f} s   "
+            f"{note}{details(run)}",
+            flush=True,
+        )
+
+    def times(self, key: str) -> list[float]:
+        """Side ``key``'s seconds, round by round."""
+        return [run["seconds"] for run in self.runs[key]]
+
+    def speed(self, key: str, rows: int) -> str:
+        """Median and spread of side ``key``'s times, and its rows/s at the median, for ``rows`` rows."""
+        times = self.times(key)
+        return f"{spread(times)}   {rows / statistics.median(times):8,.0f} rows/s"
+
+    def report(self, rows: int) -> dict[str, float]:
+        """Print each side's speed, then each other side's median over ``a``'s; those ratios."""
+        print()
+        for key, label in self.labels.items():
+            print(f"({key}) {label:<{self.width}}  {self.speed(key, rows)}")
+        ratios = {}
+        for key in list(self.labels)[1:]:
+            ratios[key], per_round = ratio(self.times("a"), self.times(key))
+            print(f"ratio {key}/a     {ratios[key]:.3f} (medians)   per round: {per_round}")
+        return ratios

@@ -64,7 +64,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -72,25 +71,23 @@ import pandas as pd
 from common import (
     PYTHON,
     TIMEOUT,
+    Sides,
     check_rows,
     daskdp_command,
-    details,
     help_has,
     imbalance,
     make_prompts,
     nanny_environment,
     phase_lines,
     rank_variables,
-    ratio,
-    read_shards,
-    run_daskdp,
+    run_daskdp_checked,
     run_process,
     settings,
     shown,
-    spread,
     texts_differ,
     threads,
     verdict,
+    work_directory,
 )
 
 RANKS = 2
@@ -247,7 +244,7 @@ def run_workload(name: str, frame: pd.DataFrame, args, workdir: Path, settings_:
         chr(ord("b") + i): f"daskdp {mode}" if mode else "daskdp" for i, mode in enumerate(modes)
     }
     keys = dict(zip(list(labels)[1:], modes, strict=True))
-    width = max(map(len, labels.values()))
+    sides = Sides(labels)
 
     if "max_tokens" in frame:
         counts = frame["max_tokens"]
@@ -262,55 +259,43 @@ def run_workload(name: str, frame: pd.DataFrame, args, workdir: Path, settings_:
         workload = f"{rows:,} prompts x {MAX_TOKENS} tokens"
     print(f"== {name}: {workload}, ignore_eos, greedy")
     print(
-        f"(a) {labels['a']:<{width}}  {PYTHON} {script.name} <vLLM's data-parallel launcher shape, {RANKS} ranks>"
+        f"(a) {labels['a']:<{sides.width}}  {PYTHON} {script.name} <vLLM's data-parallel launcher shape, {RANKS} ranks>"
     )
     for key, mode in keys.items():
         print(
-            f"({key}) {labels[key]:<{width}}  {shown(commands[mode], {source: 'PROMPTS', out_daskdp: 'OUT'})}"
+            f"({key}) {labels[key]:<{sides.width}}  {shown(commands[mode], {source: 'PROMPTS', out_daskdp: 'OUT'})}"
         )
     if name == "skewed" and not args.partitioning:
         print("note: this daskdp run has no --partitioning: daskdp ran once, with its own partitioning")
     print()
 
-    times: dict[str, list[float]] = {key: [] for key in labels}
-    spans: dict[str, list[float]] = {key: [] for key in labels}
-    ranks: dict[str, list[list[float]]] = {key: [] for key in labels}
     for round_ in range(1, args.repeats + 1):
         a = run_launcher(script, source, out_launcher, settings_, env)
         theirs = check_rows("launcher", read_launcher(out_launcher), rows, tokens)
-        record(times, spans, ranks, "a", a)
-        print(f"round {round_}  (a) {labels['a']:<{width}} {a['seconds']:7.2f} s   {details(a)}", flush=True)
+        sides.record(round_, "a", a)
         for key, mode in keys.items():
-            b = run_daskdp(commands[mode], out_daskdp, ranks=RANKS)
-            ours = check_rows(labels[key], read_shards(out_daskdp), rows, tokens)
-            record(times, spans, ranks, key, b)
-            print(
-                f"round {round_}  ({key}) {labels[key]:<{width}} {b['seconds']:7.2f} s   {details(b)}",
-                flush=True,
-            )
+            b, ours = run_daskdp_checked(commands[mode], out_daskdp, labels[key], rows, tokens, RANKS)
+            sides.record(round_, key, b)
             if round_ == 1:
                 print(f"round {round_}  texts {labels['a']} vs {labels[key]}: {texts_differ(theirs, ours)}")
             if args.keep:
                 shutil.copytree(out_daskdp, workdir / f"{name}-{labels[key].replace(' ', '-')}-{round_}.out")
 
-    print()
-    for key, label in labels.items():
-        median = statistics.median(times[key])
-        print(f"({key}) {label:<{width}}  {spread(times[key])}   {rows / median:8,.0f} rows/s")
+    ratios = sides.report(rows)
     target = TARGETS[name]
-    verdicts = []
-    for key in keys:
-        value, per_round = ratio(times["a"], times[key])
-        print(f"ratio {key}/a     {value:.3f} (medians)   per round: {per_round}")
-        verdicts.append(f"{key}/a {verdict(value, target)} ({value:.3f})")
+    verdicts = [f"{key}/a {verdict(value, target)} ({value:.3f})" for key, value in ratios.items()]
     print(f"target        daskdp/launcher <= {target:.2f}: " + ", ".join(verdicts))
     if name == "skewed":
         what = {"a": "generate"} | dict.fromkeys(keys, "busy")
+        spans = {
+            key: [imbalance(run["rank_seconds"], RANKS) for run in runs] for key, runs in sides.runs.items()
+        }
         for key, label in labels.items():
-            per_rank = [statistics.median(seconds) for seconds in zip(*ranks[key], strict=True)]
+            rank_seconds = [run["rank_seconds"] for run in sides.runs[key]]
+            per_rank = [statistics.median(seconds) for seconds in zip(*rank_seconds, strict=True)]
             shown_ranks = ", ".join(f"r{r} {s:.2f} s" for r, s in enumerate(per_rank))
             print(
-                f"makespan/ideal ({key}) {label:<{width}}  median {statistics.median(spans[key]):.3f}   "
+                f"makespan/ideal ({key}) {label:<{sides.width}}  median {statistics.median(spans[key]):.3f}   "
                 f"per round: {'  '.join(f'{s:.3f}' for s in spans[key])}   {what[key]} {shown_ranks}"
             )
         spans_daskdp = ", ".join(
@@ -320,12 +305,6 @@ def run_workload(name: str, frame: pd.DataFrame, args, workdir: Path, settings_:
         )
         print(f"target        daskdp makespan/ideal <= {TARGET_MAKESPAN:.2f}: {spans_daskdp}")
     print()
-
-
-def record(times: dict, spans: dict, ranks: dict, key: str, run: dict) -> None:
-    times[key].append(run["seconds"])
-    spans[key].append(imbalance(run["rank_seconds"], RANKS))
-    ranks[key].append(run["rank_seconds"])
 
 
 def read_launcher(output: Path) -> pd.DataFrame:
@@ -355,8 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     settings_ = settings(MAX_TOKENS)
     args.partitioning = args.workload != "uniform" and help_has("--partitioning")
     env = {**os.environ, **nanny_environment()}
-    workdir = Path(tempfile.mkdtemp(prefix="daskdp-launcher-"))
-    try:
+    with work_directory("daskdp-launcher-", args.keep) as workdir:
         model, engine_args, _ = settings_
         print(f"model         {model}")
         print(f"engine        {json.dumps(engine_args)}")
@@ -367,11 +345,6 @@ def main(argv: list[str] | None = None) -> int:
             run_workload("uniform", make_prompts(args.rows), args, workdir, settings_, env)
         if args.workload in ("skewed", "both"):
             run_workload("skewed", skewed_workload(2 * args.rows), args, workdir, settings_, env)
-    finally:
-        if args.keep:
-            print(f"kept          {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

@@ -53,7 +53,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -61,10 +60,8 @@ import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+from common import PYTHON, REPO, verdict, work_directory
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_PYTHON = REPO / ".venv" / "bin" / "python"
-PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
 TARGET = 1.2
 INTERVAL = 0.2
 TIMEOUT = 4 * 3600
@@ -238,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rows, --workers and --max-tokens must be at least 1")
     sizes = sorted(set(args.rows))
 
-    workdir = Path(tempfile.mkdtemp(prefix="daskdp-load-"))
     command = (
         f"{PYTHON} -m daskdp run INPUT -o OUT --workers {args.workers} --max-tokens {args.max_tokens} "
         "--quiet --overwrite"
@@ -251,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host          {os.cpu_count()} cores, {psutil.virtual_memory().total / (1 << 30):.1f} GiB")
     print(flush=True)
     results = {}
-    try:
+    with work_directory("daskdp-load-", args.keep) as workdir:
         for rows in sizes:
             source = workdir / f"prompts-{rows}.{args.format}"
             started = time.perf_counter()
@@ -309,13 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = largest["client_peak"] / smallest["client_peak"]
         print()
         print(f"ratio         client peak RSS {sizes[-1]:,} / {sizes[0]:,} rows: {ratio:.3f}")
-        verdict = "met" if ratio <= TARGET else "NOT met"
-        print(f"target        ratio <= {TARGET:.1f}: {verdict}")
-    finally:
-        if args.keep:
-            print(f"kept          {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        print(f"target        ratio <= {TARGET:.1f}: {verdict(ratio, TARGET)}")
     return 0
 
 

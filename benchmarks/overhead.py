@@ -60,29 +60,25 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 from common import (
     PYTHON,
+    Sides,
     check_rows,
     daskdp_command,
-    details,
     make_prompts,
     phase_lines,
-    ratio,
-    read_shards,
-    run_daskdp,
+    run_daskdp_checked,
     run_process,
     settings,
     shown,
-    spread,
     texts_differ,
     threads,
     verdict,
+    work_directory,
     worker_environment,
 )
 
@@ -153,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, engine_args, sampling = settings(MAX_TOKENS)
     env = worker_environment(0, 1)
-    workdir = Path(tempfile.mkdtemp(prefix="daskdp-overhead-"))
-    try:
+    with work_directory("daskdp-overhead-", args.keep) as workdir:
         source = workdir / "prompts.parquet"
         make_prompts(args.rows).to_parquet(source, index=False)
         out_b = workdir / "daskdp.out"
@@ -168,18 +163,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(b) daskdp    {shown(command, {source: 'PROMPTS', out_b: 'OUT'})}")
         print()
 
-        times: dict[str, list[float]] = {"a": [], "b": []}
+        sides = Sides({"a": "baseline", "b": "daskdp"})
         for round_ in range(1, args.repeats + 1):
             out_a = workdir / f"baseline-{round_}.parquet"
             a = run_baseline(source, out_a, model, engine_args, sampling, env)
             baseline = check_rows("baseline", pd.read_parquet(out_a), args.rows, MAX_TOKENS)
-            times["a"].append(a["seconds"])
-            print(f"round {round_}  (a) baseline {a['seconds']:7.2f} s   {details(a)}", flush=True)
+            sides.record(round_, "a", a)
 
-            b = run_daskdp(command, out_b)
-            ours = check_rows("daskdp", read_shards(out_b), args.rows, MAX_TOKENS)
-            times["b"].append(b["seconds"])
-            print(f"round {round_}  (b) daskdp   {b['seconds']:7.2f} s   {details(b)}", flush=True)
+            b, ours = run_daskdp_checked(command, out_b, "daskdp", args.rows, MAX_TOKENS)
+            sides.record(round_, "b", b)
             if round_ == 1:
                 print(f"round {round_}  texts: {texts_differ(baseline, ours)}")
             if args.keep:
@@ -187,20 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 out_a.unlink()
 
-        value, per_round = ratio(times["a"], times["b"])
-        median_a, median_b = statistics.median(times["a"]), statistics.median(times["b"])
-        print()
-        print(f"(a) baseline  {spread(times['a'])}   {args.rows / median_a:8,.0f} rows/s")
-        print(f"(b) daskdp    {spread(times['b'])}   {args.rows / median_b:8,.0f} rows/s")
-        print(f"ratio b/a     {value:.3f} (medians)   per round: {per_round}")
+        value = sides.report(args.rows)["b"]
         print(
             f"target        b/a <= {TARGET:.2f}: {verdict(value, TARGET)} ({(value - 1) * 100:+.1f}% overhead)"
         )
-    finally:
-        if args.keep:
-            print(f"kept          {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

@@ -45,23 +45,19 @@ import random
 import shutil
 import statistics
 import sys
-import tempfile
-from pathlib import Path
 
 import pandas as pd
 import yaml
 from common import (
-    check_rows,
+    Sides,
     daskdp_command,
-    details,
     help_has,
     ratio,
-    read_shards,
-    run_daskdp,
+    run_daskdp_checked,
     settings,
     shown,
-    spread,
     texts_differ,
+    work_directory,
 )
 
 RANKS = 2
@@ -126,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rows, --repeats, --prefixes and --kv-cache-mib must be positive")
 
     locality = help_has("--prefix-locality")
-    workdir = Path(tempfile.mkdtemp(prefix="daskdp-prefix-"))
-    try:
+    with work_directory("daskdp-prefix-", args.keep) as workdir:
         source = workdir / "prompts.parquet"
         frame = make_workload(args.rows, args.prefixes)
         frame.to_parquet(source, index=False)
@@ -164,22 +159,18 @@ def main(argv: list[str] | None = None) -> int:
             print("note: this daskdp run has no --prefix-locality: both sides ran without the flag")
         print()
 
-        times: dict[str, list[float]] = {"a": [], "b": []}
+        sides = Sides(labels)
         rates: dict[str, list[float | None]] = {"a": [], "b": []}
         prompt_tokens = 0
         for round_ in range(1, args.repeats + 1):
             results = {}
             for key, command in commands.items():
-                run = run_daskdp(command, output, ranks=RANKS)
-                results[key] = check_rows(labels[key], read_shards(output), args.rows, MAX_TOKENS)
-                times[key].append(run["seconds"])
+                run, results[key] = run_daskdp_checked(
+                    command, output, labels[key], args.rows, MAX_TOKENS, RANKS
+                )
                 rates[key].append(hit_rate(run["summary"]))
                 prompt_tokens = run["summary"].get("prompt_tokens", 0)
-                print(
-                    f"round {round_}  ({key}) {labels[key]:<11} {run['seconds']:7.2f} s   "
-                    f"hit rate {percent(rates[key][-1]):>6}   {details(run)}",
-                    flush=True,
-                )
+                sides.record(round_, key, run, f"hit rate {percent(rates[key][-1]):>6}   ")
                 if args.keep:
                     shutil.copytree(output, workdir / f"{labels[key].replace(' ', '-')}-{round_}.out")
             if round_ == 1:
@@ -192,12 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         for key, label in labels.items():
             known = [rate for rate in rates[key] if rate is not None]
             medians[key] = statistics.median(known) if known else None
-            median = statistics.median(times[key])
             print(
-                f"({key}) {label:<11} {spread(times[key])}   {args.rows / median:8,.0f} rows/s   "
-                f"hit rate median {percent(medians[key])}"
+                f"({key}) {label:<11} {sides.speed(key, args.rows)}   hit rate median {percent(medians[key])}"
             )
-        value, per_round = ratio(times["a"], times["b"])
+        value, per_round = ratio(sides.times("a"), sides.times("b"))
         print(f"ratio b/a     {value:.3f} (medians)   per round: {per_round}   (rows/s b/a {1 / value:.3f})")
         if medians["a"] is not None and medians["b"] is not None:
             gain = f"{(medians['b'] - medians['a']) * 100:+.1f} points"
@@ -209,11 +198,6 @@ def main(argv: list[str] | None = None) -> int:
             "target        none set by issue 4; locality pays when b/a < 1.00 with a higher hit rate: "
             + ("yes" if pays else "no")
         )
-    finally:
-        if args.keep:
-            print(f"kept          {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

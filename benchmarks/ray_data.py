@@ -58,32 +58,28 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 from common import (
     PYTHON,
     TIMEOUT,
+    Sides,
     check_rows,
     daskdp_command,
-    details,
     make_prompts,
     nanny_environment,
     phase_lines,
     rank_variables,
-    ratio,
-    read_shards,
-    run_daskdp,
+    run_daskdp_checked,
     run_process,
     settings,
     shown,
-    spread,
     texts_differ,
     verdict,
+    work_directory,
 )
 
 RANKS = 2
@@ -218,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     settings_ = settings(MAX_TOKENS)
-    workdir = Path(tempfile.mkdtemp(prefix="daskdp-ray-"))
-    try:
+    with work_directory("daskdp-ray-", args.keep) as workdir:
         source = workdir / "prompts.parquet"
         make_prompts(args.rows).to_parquet(source, index=False)
         out_a, out_b = workdir / "ray.out", workdir / "daskdp.out"
@@ -236,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(b) daskdp    {shown(command, {source: 'PROMPTS', out_b: 'OUT'})}")
         print()
 
-        times: dict[str, list[float]] = {"a": [], "b": []}
+        sides = Sides({"a": "ray", "b": "daskdp"}, width=8)  # the column of the (a) and (b) lines above
         for round_ in range(1, args.repeats + 1):
             log = workdir / f"ray-{round_}.log"
             try:
@@ -246,30 +241,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ray_data: Ray Data LLM could not run here ({e}){kept}")
                 return 0
             theirs = check_rows("ray", pd.read_parquet(out_a), args.rows, MAX_TOKENS)
-            times["a"].append(a["seconds"])
-            print(f"round {round_}  (a) ray      {a['seconds']:7.2f} s   {details(a)}", flush=True)
+            sides.record(round_, "a", a)
 
-            b = run_daskdp(command, out_b, ranks=RANKS)
-            ours = check_rows("daskdp", read_shards(out_b), args.rows, MAX_TOKENS)
-            times["b"].append(b["seconds"])
-            print(f"round {round_}  (b) daskdp   {b['seconds']:7.2f} s   {details(b)}", flush=True)
+            b, ours = run_daskdp_checked(command, out_b, "daskdp", args.rows, MAX_TOKENS, RANKS)
+            sides.record(round_, "b", b)
             if round_ == 1:
                 print(f"round {round_}  texts: {texts_differ(theirs, ours)}")
             if args.keep:
                 shutil.copytree(out_b, workdir / f"daskdp-{round_}.out")
 
-        value, per_round = ratio(times["a"], times["b"])
-        median_a, median_b = statistics.median(times["a"]), statistics.median(times["b"])
-        print()
-        print(f"(a) ray       {spread(times['a'])}   {args.rows / median_a:8,.0f} rows/s")
-        print(f"(b) daskdp    {spread(times['b'])}   {args.rows / median_b:8,.0f} rows/s")
-        print(f"ratio b/a     {value:.3f} (medians)   per round: {per_round}")
+        value = sides.report(args.rows)["b"]
         print(f"target        daskdp/ray <= {TARGET:.2f}: {verdict(value, TARGET)}")
-    finally:
-        if args.keep:
-            print(f"kept          {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
