@@ -5,11 +5,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 
+import dask.config
 import pytest
 from distributed import Client
 
 from conftest import daskdp_cli
-from daskdp.cluster import RankedLocalCluster, default_ranks, rank_environments
+from daskdp.cluster import RANK_DASK_CONFIG, RankedLocalCluster, default_ranks, rank_environments
 from daskdp.errors import UserError
 
 
@@ -44,6 +45,19 @@ def test_local_cluster_listens_on_loopback_only():
         addresses = [cluster.scheduler_address, *client.scheduler_info()["workers"]]
         assert all(address.startswith("tcp://127.0.0.1:") for address in addresses)
         assert "127.0.0.1" in client.dashboard_link
+
+
+def test_ranks_run_nothing_of_dask_beside_the_engine():
+    """Dask's profiler and disk counters are off in the ranks, and only there."""
+    with RankedLocalCluster(ranks=1) as cluster, Client(cluster) as client:
+        settings = client.run(
+            lambda: (
+                [dask.config.get(key) for key in RANK_DASK_CONFIG]
+                + [dask.config.get("distributed.worker.daemon")]
+            )
+        )
+    assert list(settings.values()) == [[False, False, True]]
+    assert all(dask.config.get(key) for key in RANK_DASK_CONFIG)  # this process keeps Dask's defaults
 
 
 @pytest.mark.gpu

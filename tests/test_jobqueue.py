@@ -253,6 +253,8 @@ def test_pbs_job_script_asks_for_the_rank():
         "export VLLM_ENABLE_V1_MULTIPROCESSING=0",
         "export OMP_NUM_THREADS=1",
         "export DASK_DISTRIBUTED__WORKER__DAEMON=False",  # vLLM spawns its tensor-parallel workers
+        "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False",  # nothing beside the engine
+        "export DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__DISK=False",
         "module load cuda",
     ):
         assert line in script.splitlines()
