@@ -12,6 +12,4 @@ if ! slurm_error=$(bash scripts/slurm.sh 2>&1 >/dev/null); then
 fi
 .venv/bin/ruff check daskdp tests benchmarks tools
 .venv/bin/ruff format --check daskdp tests benchmarks tools
-# Two test processes: much of an end-to-end test is waiting (engines loading, timeouts
-# running out, jobs queueing), which the other process fills. The SLURM tests share one.
-.venv/bin/python -m pytest -n 2 --dist loadgroup "$@"
+.venv/bin/python -m pytest "$@"

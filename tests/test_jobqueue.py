@@ -24,10 +24,6 @@ from conftest import DASKDP, PARITY_PROMPTS, REPO, daskdp_cli, read_results
 from daskdp import config, jobqueue
 from daskdp.errors import UserError
 
-# One test process runs them all (scripts/test.sh: --dist loadgroup): they share the one-node
-# SLURM of scripts/slurm.sh, and each checks that squeue ends empty.
-pytestmark = pytest.mark.xdist_group("slurm")
-
 USABLE = ("idle", "mixed", "allocated", "completing")
 
 
