@@ -88,6 +88,19 @@ def dask_setup(worker: Worker) -> None:
     input, and the plugin's registration, instead of preceding the model load.
     """
     threading.Thread(target=_import_ahead, name="daskdp-import-vllm", daemon=True).start()
+    logging.getLogger("distributed.worker").addFilter(_heartbeat_without_traceback)
+
+
+def _heartbeat_without_traceback(record: logging.LogRecord) -> bool:
+    """Keep a failed heartbeat to one line.
+
+    At the end of a run, or on Ctrl-C, the scheduler (in the ``daskdp run`` process) may close
+    while a worker's heartbeat is on its way; the worker logs that with a traceback, which
+    would land in the user's terminal.
+    """
+    if record.getMessage().startswith("Failed to communicate with scheduler during heartbeat"):
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def _import_ahead() -> None:

@@ -149,3 +149,24 @@ def test_generate_is_lazy(mixed_cluster):
     assert sum(after.values()) > sum(before.values())
     assert list(computed["id"]) == list(range(8))
     assert computed["error"].isna().all() and (computed["output_tokens"] == 4).all()
+
+
+def test_a_failed_heartbeat_is_one_line():
+    """A worker whose scheduler closed first (Ctrl-C, end of run) says so without a traceback."""
+    import io
+    import logging
+
+    from daskdp.plugin import _heartbeat_without_traceback
+
+    logger = logging.getLogger("daskdp-test-heartbeat")
+    logger.addFilter(_heartbeat_without_traceback)
+    stream = io.StringIO()
+    logger.addHandler(logging.StreamHandler(stream))
+    try:
+        raise OSError("Stream is closed")
+    except OSError:
+        logger.exception("Failed to communicate with scheduler during heartbeat.")
+        logger.exception("Unexpected exception during heartbeat. Closing worker.")
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "Failed to communicate with scheduler during heartbeat."
+    assert lines[2] == "Traceback (most recent call last):"  # other errors keep theirs
