@@ -52,19 +52,23 @@ CHARS_PER_TOKEN = 4  # a prompt's length in tokens, roughly, for balancing only
 # them, the same PREFIX_CHARS[1] characters. Keys of both, hashed, put such rows together.
 PREFIX_CHARS = (128, 1024)
 SHARED_PREFIX_ROWS = 0.1  # the fraction of rows that must share a prefix for reordering to pay
-NO_LONG_PREFIX = 0  # the first key of a prompt shorter than PREFIX_CHARS[0]
 
 
 @dataclass
 class Survey:
     """What one pass over the input tells: rows per input partition, a fingerprint of their
-    content, and for each row (in input order) its estimated cost (prompt tokens + max_tokens)
-    and its prefix keys."""
+    content, each row's estimated cost (prompt tokens + max_tokens, in input order), and the
+    prefix keys of the rows that have a long prefix (``prefixed``: their input positions).
+
+    Only rows with a long prefix carry keys, so that a large input of short prompts costs the
+    client 4 bytes a row.
+    """
 
     lengths: list[int]
     fingerprint: str
-    costs: np.ndarray
-    prefix_keys: np.ndarray  # rows x len(PREFIX_CHARS), uint64
+    costs: np.ndarray  # float32, one per row
+    prefixed: np.ndarray  # input positions of the rows with a long prefix
+    prefix_keys: np.ndarray  # len(prefixed) x len(PREFIX_CHARS), uint64
 
     @property
     def rows(self) -> int:
@@ -72,14 +76,16 @@ class Survey:
 
     def shares_prefixes(self) -> bool:
         """Whether enough rows share a long prefix with another row for prefix locality to pay."""
-        long = self.prefix_keys[:, 0]
-        _, counts = np.unique(long[long != NO_LONG_PREFIX], return_counts=True)
+        _, counts = np.unique(self.prefix_keys[:, 0], return_counts=True)
         return counts[counts > 1].sum() >= SHARED_PREFIX_ROWS * self.rows
 
     @functools.cached_property
     def prefix_order(self) -> np.ndarray:
-        """The rows, by input position, with rows sharing a prefix together (input order within)."""
-        return np.lexsort((np.arange(self.rows), *self.prefix_keys.T[::-1]))
+        """The rows, by input position, with rows sharing a prefix together (input order within);
+        rows without a long prefix first, in input order."""
+        keys = np.zeros((len(PREFIX_CHARS), self.rows), dtype=np.uint64)
+        keys[:, self.prefixed] = self.prefix_keys.T
+        return np.lexsort((np.arange(self.rows), *keys[::-1]))
 
     def arrangement(self, by_prefix: bool) -> tuple[np.ndarray | None, np.ndarray]:
         """Each row's place (``None``: input order) and the rows' costs in that order."""
@@ -115,22 +121,28 @@ class Prompts:
         if not sum(lengths):
             raise UserError(f"{self.source} has no rows; there is nothing to generate")
         fingerprint = hashlib.sha256("\n".join(surveyed["digest"]).encode()).hexdigest()
-        costs = np.concatenate(list(surveyed["costs"]))
-        keys = np.concatenate(list(surveyed["prefix_keys"]))
-        return Survey(lengths, fingerprint, costs, keys)
+        starts = np.cumsum([0, *lengths[:-1]])
+        prefixed = np.concatenate([start + rows for start, rows in zip(starts, surveyed["prefixed"], strict=True)])
+        return Survey(
+            lengths,
+            fingerprint,
+            np.concatenate(list(surveyed["costs"])),
+            prefixed,
+            np.concatenate(list(surveyed["prefix_keys"])),
+        )
 
 
 _SURVEY_META = pd.DataFrame(
     {
         name: pd.Series(dtype="int64" if name == "rows" else object)
-        for name in ("rows", "digest", "costs", "prefix_keys")
+        for name in ("rows", "digest", "costs", "prefixed", "prefix_keys")
     }
 )
 
 
 def _survey(part: pd.DataFrame, columns: tuple[str, str], max_tokens: int) -> pd.DataFrame:
-    """One partition's row count, a digest of its rows (index ignored, order kept), and its
-    rows' costs and prefix keys."""
+    """One partition's row count, a digest of its rows (index ignored, order kept), its rows'
+    costs, and the positions and prefix keys of those with a long prefix."""
     hashable = part.assign(
         **{
             name: part[name].map(repr)  # chat messages are lists, which pandas cannot hash
@@ -140,12 +152,14 @@ def _survey(part: pd.DataFrame, columns: tuple[str, str], max_tokens: int) -> pd
     )
     hashes = pd.util.hash_pandas_object(hashable, index=False).to_numpy()
     digest = hashlib.sha256(",".join(map(str, part.columns)).encode() + hashes.tobytes()).hexdigest()
+    prefixed, keys = prefix_keys(part, columns)
     return pd.DataFrame(
         {
             "rows": [len(part)],
             "digest": [digest],
             "costs": [row_costs(part, columns, max_tokens)],
-            "prefix_keys": [prefix_keys(part, columns)],
+            "prefixed": [prefixed],
+            "prefix_keys": [keys],
         }
     )
 
@@ -163,17 +177,16 @@ def prompt_texts(part: pd.DataFrame, columns: tuple[str, str]) -> pd.Series:
     return texts
 
 
-def prefix_keys(part: pd.DataFrame, columns: tuple[str, str]) -> np.ndarray:
-    """Hashes of each row's first ``PREFIX_CHARS`` characters, one column per length; the first
-    is ``NO_LONG_PREFIX`` for a prompt shorter than that."""
-    if not len(part):
-        return np.zeros((0, len(PREFIX_CHARS)), dtype=np.uint64)
+def prefix_keys(part: pd.DataFrame, columns: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """The positions of the rows whose prompt is at least ``PREFIX_CHARS[0]`` characters long, and
+    hashes of their first ``PREFIX_CHARS`` characters, one column per length."""
     texts = prompt_texts(part, columns).astype(str)
+    prefixed = np.flatnonzero((texts.str.len() >= PREFIX_CHARS[0]).to_numpy())
+    texts = texts.iloc[prefixed]
     keys = np.stack(
         [pd.util.hash_array(texts.str.slice(0, n).to_numpy(dtype=object)) for n in PREFIX_CHARS], axis=1
-    )
-    keys[(texts.str.len() < PREFIX_CHARS[0]).to_numpy(), 0] = NO_LONG_PREFIX
-    return keys
+    ).reshape(len(prefixed), len(PREFIX_CHARS))
+    return prefixed, keys
 
 
 def _message_text(conversation: Any) -> str | None:
@@ -191,7 +204,7 @@ def row_costs(part: pd.DataFrame, columns: tuple[str, str], max_tokens: int) -> 
         given = pd.to_numeric(part["max_tokens"], errors="coerce").to_numpy(dtype=float)
         usable = np.isfinite(given) & (given >= 1)
         limits[usable] = given[usable].astype(np.int64)
-    return chars // CHARS_PER_TOKEN + limits
+    return (chars // CHARS_PER_TOKEN + limits).astype(np.float32)
 
 
 def read_prompts(source: str, input_config: dict[str, Any]) -> Prompts:
@@ -264,7 +277,7 @@ def check_columns(meta: pd.DataFrame, source: str, input_config: dict[str, Any])
 
 def chunk_costs(costs: np.ndarray, layout: Layout) -> np.ndarray:
     """The estimated cost of each chunk of ``layout``, from the costs of its rows in order."""
-    return np.add.reduceat(costs, np.arange(layout.chunks) * layout.chunk_rows)
+    return np.add.reduceat(costs, np.arange(layout.chunks) * layout.chunk_rows).astype(float)
 
 
 def assign(
@@ -278,7 +291,7 @@ def assign(
     are returned costliest first, each with its chunks in order.
     """
     chunks = sorted(chunks)
-    costs = chunk_costs[chunks].astype(float)
+    costs = chunk_costs[chunks]
     parts = min(parts, len(chunks))
     if contiguous:
         middles = np.cumsum(costs) - costs / 2

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 ANALYSIS_COLUMNS = ["id", "rank", "prompt_tokens", "output_tokens", "finish_reason", "error", "finished_at"]
 CHUNK_COLUMNS = ["chunk", "rank", "worker", "rows", "error_rows", "output_tokens", "started", "finished"]
 MAX_TIMELINE_POINTS = 100_000
-MAX_REPORT_ROWS = 200_000  # the figures of larger runs read a sample of chunks
+MAX_REPORT_ROWS = 100_000  # the figures of larger runs read a sample of chunks: memory stays flat
 MAX_LABELLED_CHUNKS = 40
 MAX_LANES = 8
 ERROR_ROWS_SHOWN = 100

@@ -152,10 +152,13 @@ def test_rows_sharing_a_prefix_meet_on_one_rank(shared_prefixes, tmp_path, clust
 
 
 def test_only_long_shared_prefixes_reorder_rows():
-    survey = io.Survey([4], "", np.ones(4), np.array([[1, 10], [2, 20], [0, 30], [0, 30]], dtype=np.uint64))
-    assert not survey.shares_prefixes()  # 0: a prompt too short to have a long prefix
+    prompts = pd.DataFrame({"prompt": ["a" * 2000, "b" * 2000, "short", "short"]})
+    prefixed, keys = io.prefix_keys(prompts, ("prompt", "messages"))
+    assert list(prefixed) == [0, 1]  # the short prompts have no long prefix, even equal ones
+    survey = io.Survey([4], "", np.ones(4, dtype=np.float32), prefixed, keys)
+    assert not survey.shares_prefixes()
     grouped = io.Survey(
-        [4], "", np.array([1, 2, 3, 4]), np.array([[5, 1], [9, 2], [5, 3], [9, 4]], dtype=np.uint64)
+        [4], "", np.array([1, 2, 3, 4]), np.arange(4), np.array([[5, 1], [9, 2], [5, 3], [9, 4]], dtype=np.uint64)
     )
     assert grouped.shares_prefixes()
     slots, costs = grouped.arrangement(by_prefix=True)
