@@ -122,7 +122,9 @@ class Prompts:
             raise UserError(f"{self.source} has no rows; there is nothing to generate")
         fingerprint = hashlib.sha256("\n".join(surveyed["digest"]).encode()).hexdigest()
         starts = np.cumsum([0, *lengths[:-1]])
-        prefixed = np.concatenate([start + rows for start, rows in zip(starts, surveyed["prefixed"], strict=True)])
+        prefixed = np.concatenate(
+            [start + rows for start, rows in zip(starts, surveyed["prefixed"], strict=True)]
+        )
         return Survey(
             lengths,
             fingerprint,

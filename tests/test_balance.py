@@ -158,7 +158,11 @@ def test_only_long_shared_prefixes_reorder_rows():
     survey = io.Survey([4], "", np.ones(4, dtype=np.float32), prefixed, keys)
     assert not survey.shares_prefixes()
     grouped = io.Survey(
-        [4], "", np.array([1, 2, 3, 4]), np.arange(4), np.array([[5, 1], [9, 2], [5, 3], [9, 4]], dtype=np.uint64)
+        [4],
+        "",
+        np.array([1, 2, 3, 4]),
+        np.arange(4),
+        np.array([[5, 1], [9, 2], [5, 3], [9, 4]], dtype=np.uint64),
     )
     assert grouped.shares_prefixes()
     slots, costs = grouped.arrangement(by_prefix=True)
