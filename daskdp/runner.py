@@ -88,6 +88,10 @@ def run(
     prompts = io.read_prompts(source, settings["input"])
     output = output or io.default_output(source)
     io.check_output(output, resume, overwrite)
+    result_settings = checkpoint.result_settings(model, engine_args, settings)
+    if resume and (manifest := checkpoint.read_manifest(output)) is not None:
+        # Changed settings are refused before a cluster starts; a changed input after the survey.
+        refuse_differences(output, checkpoint.differences(manifest, result_settings))
     limits = settings["run"]
     started = time.time()
     tensor_parallel_size = int(engine_args.get("tensor_parallel_size", 1))
@@ -103,7 +107,7 @@ def run(
             output,
             source,
             survey,
-            checkpoint.result_settings(model, engine_args, settings),
+            result_settings,
             resume=resume,
             ranks=planned,
             chunk_size=limits["chunk-size"],
@@ -178,15 +182,19 @@ def prepare_output(
         layout = checkpoint.layout(costs, ranks, int(chunk_size), by_prefix)
         checkpoint.write_manifest(checkpoint.new_manifest(source, fingerprint, layout, settings), output)
         return layout, {}
-    differences = checkpoint.differences(manifest, fingerprint, rows, settings)
+    refuse_differences(output, checkpoint.differences(manifest, settings, fingerprint, rows))
+    layout = checkpoint.Layout(rows, manifest["chunk_rows"], manifest.get("row_order") == "prefix")
+    return layout, checkpoint.verified_records(output, layout)
+
+
+def refuse_differences(output: str, differences: list[str]) -> None:
+    """Refuse to resume ``output`` from a run that differs from this one."""
     if differences:
         raise UserError(
             f"cannot resume {output}: this run differs from it in "
             + "; ".join(differences)
             + "; run with the same input and settings, or pass --overwrite to start again"
         )
-    layout = checkpoint.Layout(rows, manifest["chunk_rows"], manifest.get("row_order") == "prefix")
-    return layout, checkpoint.verified_records(output, layout)
 
 
 BALANCED, DYNAMIC = "balanced", "dynamic"

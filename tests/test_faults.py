@@ -233,7 +233,9 @@ def test_resume_refuses_another_run_and_redoes_a_corrupt_chunk(finished_run, tmp
 
     done = daskdp_cli("run", *args, "--resume", "--max-tokens", 8)
     assert done.returncode == 2, done.stderr
-    (line,) = done.stderr.strip().splitlines()
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    (line,) = lines
     assert line.startswith("daskdp: error: cannot resume") and "sampling.max-tokens: 4 then, 8 now" in line
 
     changed = tmp_path / "changed.jsonl"
