@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import dask.dataframe as dd
     import pandas as pd
     from distributed import Client
+    from fsspec import AbstractFileSystem
 
 CHUNK_FILES = "part-*.parquet"  # the names checkpoint.CHUNK_FILE gives
 
@@ -138,13 +139,19 @@ def read_results(path: str | os.PathLike) -> dd.DataFrame:
     >>> daskdp.read_manifest("prompts.out")["settings"]["sampling"]  # doctest: +SKIP
     """
     import dask.dataframe as dd
-    import fsspec
 
-    fs, root = fsspec.core.url_to_fs(os.fspath(path))
-    files = sorted(fs.glob(f"{root.rstrip('/')}/{CHUNK_FILES}"))
+    fs, files = chunk_files(path)
     if not files:
         raise FileNotFoundError(f"no results in {os.fspath(path)}: it holds no {CHUNK_FILES} file")
     return dd.read_parquet(files, filesystem=fs)
+
+
+def chunk_files(path: str | os.PathLike) -> tuple[AbstractFileSystem, list[str]]:
+    """The filesystem of ``path`` and its finished chunk files, in chunk order."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(os.fspath(path))
+    return fs, sorted(fs.glob(f"{root.rstrip('/')}/{CHUNK_FILES}"))
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:

@@ -172,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Dask's own INFO lines (workers starting and closing) are noise on a terminal.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    # vLLM's engine and tqdm make multiprocessing locks in every worker. The workers are
+    # stopped at the end of a run, before they release them, and multiprocessing's resource
+    # tracker (a child of this process) then removes them with a warning that is no news.
+    warnings = [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"]
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, warnings))
     from daskdp.runner import run
 
     # A worker process that takes a few seconds to exit is killed at shutdown; that is no news.

@@ -37,6 +37,7 @@ def test_two_ranks_match_plain_vllm(tmp_path, oracle):
     frame.to_parquet(source)
     done = daskdp_cli("run", source, "--workers", 2, "--max-tokens", 24, "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr == ""  # --quiet: no progress, and no warning from the stopped workers
 
     results = read_results(tmp_path / "prompts.out")
     assert sorted(results["id"]) == list(range(len(frame)))  # ids added: each row's position
