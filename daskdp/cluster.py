@@ -124,7 +124,7 @@ class RankedLocalCluster(LocalCluster):
             self.scale(ranks)
             self.sync(self._correct_state)
 
-    def stop_ranks(self, grace: float = 0.5) -> None:
+    def stop_ranks(self, grace: float = 0.1) -> None:
         """End the worker processes now, giving each ``grace`` seconds before SIGKILL.
 
         For the end of a run whose results are on disk: a worker holding an engine otherwise
