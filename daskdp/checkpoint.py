@@ -147,26 +147,23 @@ def write_manifest(manifest: dict[str, Any], output: str) -> None:
     _write_atomically(fs, posixpath.join(path, MANIFEST_FILE), _json(manifest))
 
 
-def differences(
-    manifest: dict[str, Any],
-    settings: dict[str, Any],
-    fingerprint: str | None = None,
-    rows: int | None = None,
-) -> list[str]:
-    """What differs between a run's manifest and this run, in words: settings, and the input
-    when its ``fingerprint`` and ``rows`` are given."""
+def differences(manifest: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """What differs between a run's manifest and this run's settings, in words."""
     found = []
     if manifest.get("version") != MANIFEST_VERSION:
         found.append(f"manifest version {manifest.get('version')} (this daskdp writes {MANIFEST_VERSION})")
-    if fingerprint is not None and (
-        manifest.get("rows") != rows or manifest.get("input_fingerprint") != fingerprint
-    ):
-        found.append(f"the input (it had {manifest.get('rows')} rows, now {rows}, or their content changed)")
     before, now = _flatten(manifest.get("settings", {})), _flatten(settings)
     for key in sorted(set(before) | set(now)):
         if before.get(key) != now.get(key):
             found.append(f"{key}: {before.get(key)!r} then, {now.get(key)!r} now")
     return found
+
+
+def input_differs(manifest: dict[str, Any], fingerprint: str, rows: int) -> list[str]:
+    """How this run's input differs from the one of a run's manifest, in words, if it does."""
+    if manifest.get("rows") == rows and manifest.get("input_fingerprint") == fingerprint:
+        return []
+    return [f"the input (it had {manifest.get('rows')} rows, now {rows}, or their content changed)"]
 
 
 def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -14,6 +14,7 @@ import glob
 import os
 import re
 import ssl
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,9 @@ class RankedLocalCluster(LocalCluster):
         **kwargs: Any,
     ):
         self.rank_environments = rank_environments(ranks, tensor_parallel_size)
+        # The ranks' temporary files (vLLM's rendezvous file among them) go here, removed when
+        # the cluster closes: a rank stopped at the end of a run leaves its own behind.
+        self.scratch = tempfile.TemporaryDirectory(prefix="daskdp-ranks-")
         # vLLM spawns its tensor-parallel workers: a worker process must be able to have children.
         with dask.config.set({**RANK_DASK_CONFIG, "distributed.worker.daemon": tensor_parallel_size == 1}):
             super().__init__(
@@ -144,8 +148,16 @@ class RankedLocalCluster(LocalCluster):
         if rank is None:
             raise ValueError(f"all {len(self.rank_environments)} ranks of this cluster are running")
         spec = copy.deepcopy(self.new_spec)
-        spec["options"]["env"] = {**spec["options"].get("env", {}), **self.rank_environments[rank]}
+        spec["options"]["env"] = {
+            **spec["options"].get("env", {}),
+            **self.rank_environments[rank],
+            "TMPDIR": self.scratch.name,
+        }
         return {rank: spec}
+
+    async def _close(self) -> None:
+        await super()._close()
+        self.scratch.cleanup()
 
 
 def default_ranks(tensor_parallel_size: int) -> int:

@@ -185,10 +185,8 @@ def prefix_keys(part: pd.DataFrame, columns: tuple[str, str]) -> tuple[np.ndarra
     texts = prompt_texts(part, columns).astype(str)
     prefixed = np.flatnonzero((texts.str.len() >= PREFIX_CHARS[0]).to_numpy())
     texts = texts.iloc[prefixed]
-    keys = np.stack(
-        [pd.util.hash_array(texts.str.slice(0, n).to_numpy(dtype=object)) for n in PREFIX_CHARS], axis=1
-    ).reshape(len(prefixed), len(PREFIX_CHARS))
-    return prefixed, keys
+    keys = [pd.util.hash_array(texts.str.slice(0, n).to_numpy(dtype=object)) for n in PREFIX_CHARS]
+    return prefixed, np.stack(keys, axis=1)
 
 
 def _message_text(conversation: Any) -> str | None:

@@ -89,9 +89,7 @@ def run(
     output = output or io.default_output(source)
     io.check_output(output, resume, overwrite)
     result_settings = checkpoint.result_settings(model, engine_args, settings)
-    if resume and (manifest := checkpoint.read_manifest(output)) is not None:
-        # Changed settings are refused before a cluster starts; a changed input after the survey.
-        refuse_differences(output, checkpoint.differences(manifest, result_settings))
+    manifest = resumable_manifest(output, result_settings) if resume else None
     limits = settings["run"]
     started = time.time()
     tensor_parallel_size = int(engine_args.get("tensor_parallel_size", 1))
@@ -108,7 +106,7 @@ def run(
             source,
             survey,
             result_settings,
-            resume=resume,
+            manifest,
             ranks=planned,
             chunk_size=limits["chunk-size"],
             prefix_locality=limits["prefix-locality"],
@@ -152,38 +150,50 @@ def run(
     return summary
 
 
+def resumable_manifest(output: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of the run that ``--resume`` continues, ``None`` when ``output`` is empty.
+
+    Refused before a cluster starts: results without a manifest, or a run whose settings
+    differ from this one's (a changed input is found by the survey, `prepare_output`).
+    """
+    manifest = checkpoint.read_manifest(output)
+    if manifest is None:
+        if io.has_results(output):
+            raise UserError(
+                f"output directory {output} has no daskdp manifest to resume from; "
+                "pass --overwrite to replace it, or choose another -o/--output"
+            )
+        return None
+    refuse_differences(output, checkpoint.differences(manifest, settings))
+    return manifest
+
+
 def prepare_output(
     output: str,
     source: str,
     survey: io.Survey,
     settings: dict[str, Any],
+    manifest: dict[str, Any] | None,
     *,
-    resume: bool,
     ranks: int,
     chunk_size: int,
     prefix_locality: bool,
 ) -> tuple[checkpoint.Layout, dict[int, dict[str, Any]]]:
     """The chunk layout, and the verified records of chunks an earlier run finished.
 
-    A new run (or ``--overwrite``) clears the output and writes a fresh manifest; ``--resume``
-    checks the manifest against this input and these settings first, and keeps its layout.
+    Without the ``manifest`` of a run to resume, the output is cleared and a fresh manifest
+    written; with it, this input must be the one that run read, and its layout is kept.
     """
-    rows, fingerprint = survey.rows, survey.fingerprint
-    manifest = checkpoint.read_manifest(output) if resume else None
     if manifest is None:
-        if resume and io.has_results(output):
-            raise UserError(
-                f"output directory {output} has no daskdp manifest to resume from; "
-                "pass --overwrite to replace it, or choose another -o/--output"
-            )
         io.clear_output(output)
         by_prefix = prefix_locality and survey.shares_prefixes()
         _, costs = survey.arrangement(by_prefix)
         layout = checkpoint.layout(costs, ranks, int(chunk_size), by_prefix)
-        checkpoint.write_manifest(checkpoint.new_manifest(source, fingerprint, layout, settings), output)
+        manifest = checkpoint.new_manifest(source, survey.fingerprint, layout, settings)
+        checkpoint.write_manifest(manifest, output)
         return layout, {}
-    refuse_differences(output, checkpoint.differences(manifest, settings, fingerprint, rows))
-    layout = checkpoint.Layout(rows, manifest["chunk_rows"], manifest.get("row_order") == "prefix")
+    refuse_differences(output, checkpoint.input_differs(manifest, survey.fingerprint, survey.rows))
+    layout = checkpoint.Layout(survey.rows, manifest["chunk_rows"], manifest.get("row_order") == "prefix")
     return layout, checkpoint.verified_records(output, layout)
 
 

@@ -35,9 +35,14 @@ def test_two_ranks_match_plain_vllm(tmp_path, oracle):
         }
     )
     frame.to_parquet(source)
-    done = daskdp_cli("run", source, "--workers", 2, "--max-tokens", 24, "--quiet")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    done = daskdp_cli(
+        "run", source, "--workers", 2, "--max-tokens", 24, "--quiet", env={"TMPDIR": str(temporary)}
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr == ""  # --quiet: no progress, and no warning from the stopped workers
+    assert not list(temporary.rglob("vllm_*")) and not list(temporary.glob("daskdp-*"))  # nothing left
 
     results = read_results(tmp_path / "prompts.out")
     assert sorted(results["id"]) == list(range(len(frame)))  # ids added: each row's position
