@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     # vLLM's engine and tqdm make multiprocessing locks in every worker. The workers are
     # stopped at the end of a run, before they release them, and multiprocessing's resource
     # tracker (a child of this process) then removes them with a warning that is no news.
-    warnings = [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"]
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, warnings))
+    filters = [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"]
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, filters))
     from daskdp.runner import run
 
     # A worker process that takes a few seconds to exit is killed at shutdown; that is no news.

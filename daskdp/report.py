@@ -56,6 +56,14 @@ def load(
     --------
     >>> results, summary = daskdp.report.load("prompts.out")  # doctest: +SKIP
     """
+    results, summary, _, _ = _load(path, columns, max_rows)
+    return results, summary
+
+
+def _load(
+    path: str | os.PathLike, columns: list[str] | None, max_rows: int | None
+) -> tuple[pd.DataFrame, dict[str, Any], AbstractFileSystem, list[str]]:
+    """`load`, and the filesystem and every chunk file of ``path``, for reading more of them."""
     from daskdp.api import chunk_files, read_summary
 
     try:
@@ -66,10 +74,11 @@ def load(
             "give the -o/--output directory of `daskdp run`"
         ) from None
     fs, files = chunk_files(path)
+    read = files
     if max_rows is not None and len(files) * summary["chunk_rows"] > max_rows:
         keep = max(1, max_rows // summary["chunk_rows"])
-        files = [files[i] for i in np.linspace(0, len(files) - 1, keep).round().astype(int)]
-    return _read_chunks(fs, files, columns), summary
+        read = [files[i] for i in np.linspace(0, len(files) - 1, keep).round().astype(int)]
+    return _read_chunks(fs, read, columns), summary, fs, files
 
 
 def _read_chunks(
@@ -82,16 +91,15 @@ def _read_chunks(
 
     With pandas, not Dask, which spends milliseconds a file planning what it reads in one.
     """
+    import pyarrow.parquet as pq
+
     if not files:  # no chunk finished: every one timed out
         frame = result_meta(pd.DataFrame({"id": pd.Series(dtype=object)}))
-    else:
-        import pyarrow.parquet as pq
-
-        if columns is not None:
-            names = pq.read_schema(files[0], filesystem=fs).names
-            columns = [column for column in columns if column in names]
-        frame = pd.read_parquet(files, columns=columns, filters=filters, filesystem=fs)
-    return (frame if columns is None else frame[columns]).reset_index(drop=True)
+        return frame if columns is None else frame[[column for column in columns if column in frame]]
+    if columns is not None:
+        names = pq.read_schema(files[0], filesystem=fs).names
+        columns = [column for column in columns if column in names]
+    return pd.read_parquet(files, columns=columns, filters=filters, filesystem=fs).reset_index(drop=True)
 
 
 def summary_table(summary: dict[str, Any]) -> pd.DataFrame:
@@ -295,10 +303,7 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
     import fsspec
     import pyarrow.compute
 
-    from daskdp.api import chunk_files
-
-    results, summary = load(path, ANALYSIS_COLUMNS, max_rows=MAX_REPORT_ROWS)
-    fs, files = chunk_files(path)
+    results, summary, fs, files = _load(path, ANALYSIS_COLUMNS, max_rows=MAX_REPORT_ROWS)
     if len(results):
         sample = sample_table(_read_chunks(fs, files[:1]), sample_rows)
         samples = (
