@@ -395,8 +395,8 @@ class GangDispatcher:
         self.tasks = []
         return submitted
 
-    def finished(self, future: Future) -> set[Future]:
-        return set()
+    def finished(self, future: Future) -> None:
+        pass
 
 
 class GangMonitor(Monitor):

@@ -9,7 +9,10 @@ keep their place with ``error`` set; the rest of the chunk is generated.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +26,7 @@ from daskdp import checkpoint
 
 if TYPE_CHECKING:
     from distributed import Worker
+    from distributed.typing import Key
     from vllm import LLM
 
 RESULT_DTYPES = {
@@ -212,9 +216,16 @@ def generate_partition(
 
 
 def generate_and_write(
-    part: pd.DataFrame, request: GenerationRequest, output: str, partition_info: dict | None = None
+    part: pd.DataFrame,
+    request: GenerationRequest,
+    output: str,
+    partition_info: dict | None = None,
+    chunks: list[int] | None = None,
 ) -> pd.DataFrame:
     """Generate one partition chunk by chunk, writing each chunk as it finishes.
+
+    ``chunks``: only these chunks of the partition (given away by the rank that holds the
+    partition, `give_away`). Chunks not yet started may be given away in turn.
 
     Returns one record per chunk: done, timed out (after ``request.retries`` further
     attempts), or skipped because an earlier attempt at this partition, on a worker that
@@ -231,10 +242,14 @@ def generate_and_write(
     partition = partition_info["number"] if partition_info else 0
     engine, rank = get_engine()
     worker = get_worker().address
-    report = ProgressReporter(get_worker(), request, partition, rank, len(part))
     written = checkpoint.done_chunks(output)
+    mine = part.groupby(part.index.to_numpy() // request.chunk_rows, sort=True)
+    if chunks is not None:
+        given = set(chunks)
+        mine = [(number, rows) for number, rows in mine if number in given]
+    report = ProgressReporter(get_worker(), request, partition, rank, len(part))
     todo, records = [], []
-    for number, rows in part.groupby(part.index.to_numpy() // request.chunk_rows, sort=True):
+    for number, rows in mine:
         if number in written:
             skipped = Chunk(int(number), rows).record(rank, worker, partition, request.id_column)
             records.append(skipped | {"status": SKIPPED})
@@ -246,15 +261,17 @@ def generate_and_write(
         record = chunk.record(rank, worker, partition, request.id_column)
         return checkpoint.write_chunk(chunk.results(rank, worker), output, record, request.id_column)
 
-    with ThreadPoolExecutor(1, thread_name_prefix="daskdp-write") as writer:
+    queue = ChunkQueue(todo)
+    with ThreadPoolExecutor(1, thread_name_prefix="daskdp-write") as writer, queue.shared():
         writes = []
+        waiting: Iterable[tuple[int, pd.DataFrame]] = queue
         for attempt in range(1, request.retries + 2):
             # Made as the engine takes them: a finished chunk is freed once it is written.
-            chunks = (Chunk(number, rows, attempt) for number, rows in todo)
+            made = (Chunk(number, rows, attempt) for number, rows in waiting)
             stopped = engine.call(
-                generate_chunks, chunks, request, report, lambda c: writes.append(writer.submit(write, c))
+                generate_chunks, made, request, report, lambda c: writes.append(writer.submit(write, c))
             )
-            todo = [(chunk.number, chunk.rows) for chunk in stopped]
+            waiting = [(chunk.number, chunk.rows) for chunk in stopped]
             if not stopped:
                 break
         for chunk in stopped:
@@ -265,13 +282,75 @@ def generate_and_write(
     return pd.DataFrame(records)[list(RECORD_DTYPES)].astype(RECORD_DTYPES)
 
 
+class ChunkQueue:
+    """The chunks of a running task that its engine has not taken yet.
+
+    The engine takes them from the front; a rank that has run out of work is given the back
+    half (`give_away`), so that each side keeps neighbouring chunks (rows sharing a prefix).
+    """
+
+    running: dict[Key, ChunkQueue] = {}  # the queues of the tasks running in this process
+
+    def __init__(self, chunks: Iterable[tuple[int, pd.DataFrame]]):
+        self.chunks = collections.deque(chunks)
+        self.lock = threading.Lock()
+
+    def __iter__(self):
+        while True:
+            with self.lock:
+                if not self.chunks:
+                    return
+                chunk = self.chunks.popleft()
+            yield chunk
+
+    @contextlib.contextmanager
+    def shared(self):
+        """Let other ranks take chunks from this queue while the current task runs."""
+        from distributed import get_worker
+
+        key = get_worker().get_current_task()
+        ChunkQueue.running[key] = self
+        try:
+            yield self
+        finally:
+            ChunkQueue.running.pop(key, None)
+
+    def rows(self) -> int:
+        with self.lock:
+            return sum(len(rows) for _, rows in self.chunks)
+
+    def give_away(self) -> list[int]:
+        """Remove the back half of the chunks (rounded up); their numbers."""
+        with self.lock:
+            given = [self.chunks.pop()[0] for _ in range((len(self.chunks) + 1) // 2)]
+        return sorted(given)
+
+
+def queued_rows(keys: list[Key]) -> dict[Key, int]:
+    """Run on a worker (``client.run``): rows not yet started by those of ``keys`` running there."""
+    return {key: queue.rows() for key in keys if (queue := ChunkQueue.running.get(key)) is not None}
+
+
+def give_away(key: Key) -> list[int]:
+    """Run on a worker (``client.run``): take half the unstarted chunks of task ``key``, for
+    another rank to generate; their numbers (none when the task has finished)."""
+    queue = ChunkQueue.running.get(key)
+    return queue.give_away() if queue is not None else []
+
+
 class ProgressReporter:
     """Sends a partition's progress to the client as Dask events, at most once an interval."""
 
     def __init__(self, worker: Worker, request: GenerationRequest, partition: int, rank: int, total: int):
         self.worker = worker
         self.interval = request.progress_interval
-        self.message = {"run": request.run_id, "partition": partition, "rank": rank, "total": total}
+        self.message = {
+            "run": request.run_id,
+            "task": str(worker.get_current_task()),
+            "partition": partition,
+            "rank": rank,
+            "total": total,
+        }
         self.done = self.output_tokens = 0
         self.last = 0.0
 

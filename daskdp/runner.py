@@ -21,7 +21,14 @@ import pandas as pd
 from daskdp import checkpoint, config, io
 from daskdp.cluster import GPU, connect, visible_gpus
 from daskdp.errors import RunError, UserError
-from daskdp.generation import PROGRESS_TOPIC, GenerationRequest, generate_and_write, record_meta
+from daskdp.generation import (
+    PROGRESS_TOPIC,
+    GenerationRequest,
+    generate_and_write,
+    give_away,
+    queued_rows,
+    record_meta,
+)
 from daskdp.plugin import EnginePlugin, ensure_engines
 
 if TYPE_CHECKING:
@@ -270,6 +277,8 @@ def generate(
             client, plan, plugin, request, output, mode=gang_mode,
             startup_timeout=startup_timeout, deadline=deadline, progress=progress,
         )  # fmt: skip
+    from distributed import wait
+
     loader = ThreadPoolExecutor(1, thread_name_prefix="daskdp-load")
     try:
         loading = loader.submit(ensure_engines, client, plugin, startup_timeout)
@@ -284,10 +293,14 @@ def generate(
     finally:
         loader.shutdown(wait=False)
     if len(ranks) != planned_ranks:  # workers joined or left while the engines loaded
-        partitions = plan.partitions(len(ranks), request.id_column)
-    results = partitions.map_partitions(generate_and_write, request, output, meta=record_meta())
+        partitions = client.persist(plan.partitions(len(ranks), request.id_column))
+    # Before any rank starts generating: a worker runs one task at a time, and a partition's
+    # input task queued behind another partition's generation would leave its rank waiting.
+    wait(partitions)
     tensor_parallel_size = int(plugin.engine_args.get("tensor_parallel_size", 1))
-    dispatcher = Dispatcher(client, results, ranks, tensor_parallel_size, plan.mode, plugin.fingerprint)
+    dispatcher = Dispatcher(
+        client, partitions, request, output, ranks, tensor_parallel_size, plan.mode, plugin.fingerprint
+    )
     monitor = Monitor(client, request.run_id, plan.rows, progress, startup_timeout)
     return monitor.wait(dispatcher, deadline)
 
@@ -311,20 +324,28 @@ class Dispatcher:
     the fewest in flight, so a rank that finishes early takes more; a ``GPU`` worker that
     joins becomes a rank once it holds the run's engine (``fingerprint``), and one that leaves
     stops being one. Either way a partition may run on another ``GPU`` worker when its own is
-    gone.
+    gone, and once no partition waits, a rank without work (one that finished first, or
+    joined) takes half the unstarted chunks of the task with the most: a slower rank does
+    not hold up the run.
     """
 
     def __init__(
         self,
         client: Client,
-        results: dd.DataFrame,
+        partitions: dd.DataFrame,
+        request: GenerationRequest,
+        output: str,
         ranks: list[str],
         tensor_parallel_size: int,
         mode: str,
         fingerprint: str,
     ):
         self.client = client
+        self.parts = partitions.to_delayed()
+        results = partitions.map_partitions(generate_and_write, request, output, meta=record_meta())
         self.waiting = list(enumerate(results.to_delayed()))
+        self.request = request
+        self.output = output
         self.ranks = list(ranks)
         self.resources = {GPU: tensor_parallel_size}
         self.mode = mode
@@ -342,9 +363,9 @@ class Dispatcher:
         )
 
     def submit(self) -> set[Future]:
-        """Submit partitions until the limit of those in flight is reached; the new futures."""
-        if self.mode == DYNAMIC and self.waiting:
-            self.follow_workers()
+        """Submit partitions until the limit of those in flight is reached, then share out the
+        work of busy ranks with idle ones; the new futures."""
+        self.follow_workers()
         submitted = set()
         while self.waiting and len(self.assigned) < self.limit:
             i, part = self.waiting.pop(0)
@@ -355,17 +376,49 @@ class Dispatcher:
                 for busy in self.assigned.values():
                     load[busy] += 1
                 rank = min(load, key=load.get)
-            future = self.client.compute(
-                part, resources=self.resources, workers=[rank], allow_other_workers=True
-            )
-            self.partition[future], self.assigned[future] = i, rank
-            submitted.add(future)
+            submitted.add(self.compute(part, i, rank))
+        if not self.waiting:
+            submitted |= self.share_work()
         return submitted
 
-    def finished(self, future: Future) -> set[Future]:
-        """Account for a finished future; the futures submitted in its place."""
+    def compute(self, task: Any, partition: int, rank: str) -> Future:
+        future = self.client.compute(task, resources=self.resources, workers=[rank], allow_other_workers=True)
+        self.partition[future], self.assigned[future] = partition, rank
+        return future
+
+    def finished(self, future: Future) -> None:
         del self.assigned[future]
-        return self.submit()
+
+    def share_work(self) -> set[Future]:
+        """Give each idle rank half the unstarted chunks of the task with the most rows left.
+
+        The chunks leave the task's queue on its worker before they are given (`give_away`),
+        so no chunk is generated by two ranks.
+        """
+        idle = [rank for rank in self.ranks if rank not in self.assigned.values()]
+        if not idle or not self.assigned:
+            return set()
+        running = {future.key: future for future in self.assigned}
+        queued = self.client.run(queued_rows, list(running), on_error="return")
+        offers = [
+            (rows, worker, key)
+            for worker, found in queued.items()
+            if isinstance(found, dict)
+            for key, rows in found.items()
+            if rows
+        ]
+        offers.sort(key=lambda offer: offer[0], reverse=True)
+        submitted = set()
+        for rank, (_, worker, key) in zip((rank for rank in idle if rank in queued), offers, strict=False):
+            chunks = self.client.run(give_away, key, workers=[worker], on_error="return").get(worker)
+            if not chunks or isinstance(chunks, BaseException):
+                continue
+            i = self.partition[running[key]]
+            task = dask.delayed(generate_and_write, pure=False)(
+                self.parts[i], self.request, self.output, partition_info={"number": i}, chunks=chunks
+            )
+            submitted.add(self.compute(task, i, rank))
+        return submitted
 
     def follow_workers(self) -> None:
         """Every few seconds: the ranks are the ``GPU`` workers that hold the run's engine."""
@@ -407,7 +460,7 @@ class Monitor:
         self.stream = stream
         self.worker_wait = worker_wait
         self.lock = threading.Lock()
-        self.partitions: dict[int, dict[str, Any]] = {}
+        self.tasks: dict[str, dict[str, Any]] = {}  # the progress of each task, by its key
         self.started = time.monotonic()
         self.last_line = self.started
         self.workers_seen = self.started
@@ -425,7 +478,7 @@ class Monitor:
         if message.get("run") != self.run_id:
             return
         with self.lock:
-            self.partitions.setdefault(message["partition"], {}).update(message)
+            self.tasks.setdefault(message["task"], {}).update(message)
 
     def wait(self, dispatcher: Dispatcher, deadline: float | None) -> pd.DataFrame:
         """The chunk records of every partition; raises ``RunError`` when the run cannot finish."""
@@ -441,8 +494,8 @@ class Monitor:
                     done = set()
                 for future in done:
                     records.append(self.result(future, dispatcher.partition[future]))
-                    pending |= dispatcher.finished(future)
-                pending |= dispatcher.submit()  # to ranks that joined
+                    dispatcher.finished(future)
+                pending |= dispatcher.submit()
                 if pending:
                     self.check(pending, dispatcher.partition, deadline)
                 self.show(final=not pending)
@@ -491,11 +544,16 @@ class Monitor:
                 resumable=True,
             )
         if deadline is not None and time.time() > deadline:
+            running: dict[int, set[int]] = collections.defaultdict(set)
             with self.lock:
-                running = {i: state["rank"] for i, state in self.partitions.items()}
+                for state in self.tasks.values():
+                    if not state.get("final"):
+                        running[state["partition"]].add(state["rank"])
             where = ", ".join(
-                f"partition {i} on rank {running[i]}" if i in running else f"partition {i} (not started)"
-                for i in sorted(futures[f] for f in pending)
+                f"partition {i} on rank {', '.join(map(str, sorted(running[i])))}"
+                if running[i]
+                else f"partition {i} (not started)"
+                for i in sorted({futures[f] for f in pending})
             )
             raise RunError(
                 f"the run passed its --timeout; unfinished: {where}",
@@ -506,7 +564,7 @@ class Monitor:
         """Rows done, and rows/s and output tokens/s of each rank over the last few seconds."""
         with self.lock:
             by_rank: dict[int, np.ndarray] = {}
-            for state in self.partitions.values():
+            for state in self.tasks.values():
                 counts = np.array([state.get("done", 0), state.get("output_tokens", 0)], dtype=float)
                 by_rank[state["rank"]] = by_rank.get(state["rank"], 0) + counts
         now = time.monotonic()
@@ -581,6 +639,7 @@ def summarize(
 
 CHUNK_SUMMARY_KEYS = (
     "chunk",
+    "partition",
     "rank",
     "worker",
     "rows",

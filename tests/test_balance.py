@@ -10,6 +10,7 @@ import pytest
 
 from conftest import daskdp_cli, read_results
 from daskdp import checkpoint, io
+from daskdp.generation import ChunkQueue
 
 LONG, SHORT = 48, 4
 
@@ -43,17 +44,30 @@ def run(source, out, client, *flags) -> pd.DataFrame:
     return read_results(out).sort_values("id", ignore_index=True)
 
 
+def partitions_of(out) -> dict[str, int]:
+    """The partition each row of a finished run's output was planned in, by id."""
+    summary = json.loads((out / io.SUMMARY_FILE).read_text())
+    planned = {chunk["chunk"]: chunk["partition"] for chunk in summary["chunks"]}
+    return {
+        row_id: planned[int(file.stem.removeprefix("part-"))]
+        for file in out.glob("part-*.parquet")
+        for row_id in pd.read_parquet(file, columns=["id"])["id"]
+    }
+
+
 def test_balanced_ranks_get_equal_work_from_skewed_input(skewed, tmp_path, cluster):
     """One partition per rank, each with about half the work (prompt and output tokens): an even
     split of the rows would give the second rank all the long rows (twice the first one's work)."""
     _, client = cluster
-    results = run(skewed, tmp_path / "out", client)
+    out = tmp_path / "out"
+    results = run(skewed, out, client)
     assert len(results) == 2000 and results["id"].is_unique and results["error"].isna().all()
     assert list(results["output_tokens"]) == list(results["max_tokens"])
-    work = (results["prompt_tokens"] + results["output_tokens"]).groupby(results["rank"]).sum()
+    partitions = results["id"].map(partitions_of(out))
+    work = (results["prompt_tokens"] + results["output_tokens"]).groupby(partitions).sum()
     assert len(work) == 2
     assert work.max() / work.min() < 1.1, work.to_dict()
-    summary = json.loads((tmp_path / "out" / io.SUMMARY_FILE).read_text())
+    summary = json.loads((out / io.SUMMARY_FILE).read_text())
     assert {chunk["rank"] for chunk in summary["chunks"]} == {0, 1}
 
 
@@ -122,7 +136,7 @@ def shared_prefixes(tmp_path_factory):
 
 
 def test_rows_sharing_a_prefix_meet_on_one_rank(shared_prefixes, tmp_path, cluster):
-    """Prefix locality: each system prompt's rows go to one rank (one may straddle the two),
+    """Prefix locality: each system prompt's rows go to one rank's partition (one may straddle two),
     the same texts as without it, and a resumed run redoes only the chunk that is missing."""
     _, client = cluster
     out = tmp_path / "out"
@@ -133,10 +147,13 @@ def test_rows_sharing_a_prefix_meet_on_one_rank(shared_prefixes, tmp_path, clust
     assert list(local["id"]) == list(plain["id"]) and local["id"].is_unique and len(local) == 603
     assert list(local["generated_text"].fillna("")) == list(plain["generated_text"].fillna(""))
     assert sorted(local.loc[local["error"].notna(), "id"]) == ["bad0", "bad1", "bad2"]
-    local, plain = local[local["head"] >= 0], plain[plain["head"] >= 0]
-    ranks_per_head = local.groupby("head")["rank"].nunique()
-    assert sorted(ranks_per_head) in ([1, 1, 1, 1], [1, 1, 1, 2]), ranks_per_head.to_dict()
-    assert sorted(plain.groupby("head")["rank"].nunique()) == [2, 2, 2, 2]
+    local_partitions = local["id"].map(partitions_of(out))
+    plain_partitions = plain["id"].map(partitions_of(tmp_path / "plain"))
+    heads = local["head"] >= 0
+    partitions_per_head = local_partitions[heads].groupby(local["head"][heads]).nunique()
+    assert sorted(partitions_per_head) in ([1, 1, 1, 1], [1, 1, 1, 2]), partitions_per_head.to_dict()
+    assert sorted(plain_partitions[heads].groupby(plain["head"][heads]).nunique()) == [2, 2, 2, 2]
+    local = local[heads]
     summary = json.loads((out / io.SUMMARY_FILE).read_text())
     assert summary["prefix_cache_hit_rate"] > 0.5
 
@@ -167,3 +184,15 @@ def test_only_long_shared_prefixes_reorder_rows():
     assert grouped.shares_prefixes()
     slots, costs = grouped.arrangement(by_prefix=True)
     assert list(slots) == [0, 2, 1, 3] and list(costs) == [1, 3, 2, 4]
+
+
+def test_a_queue_gives_away_the_back_half_of_what_is_unstarted():
+    """Work stealing's split: the engine takes chunks from the front, a rank without work gets
+    the back half (rounded up), and nothing is handed out twice."""
+    queue = ChunkQueue((n, pd.DataFrame({"id": range(10)})) for n in range(6))
+    taken = iter(queue)
+    assert next(taken)[0] == 0
+    assert queue.rows() == 50
+    assert queue.give_away() == [3, 4, 5]
+    assert [n for n, _ in taken] == [1, 2]
+    assert queue.give_away() == [] and queue.rows() == 0

@@ -301,17 +301,20 @@ def test_a_warm_external_cluster_is_reused(scheduler, worker, client, sessions, 
     assert calls_after > calls, "the second run did not generate on the engine the first one loaded"
 
 
-def test_a_worker_that_joins_takes_work(scheduler, worker, client, sessions, tmp_path):
-    """--partitioning dynamic: a GPU worker started mid-run gets the engine from the scheduler's
-    plugin and takes partitions once it has loaded it; every row once."""
-    rows = 2400
+@pytest.mark.parametrize("partitioning", ["balanced", "dynamic"])
+def test_a_worker_that_joins_takes_work(scheduler, worker, client, sessions, tmp_path, partitioning):
+    """A GPU worker started mid-run gets the engine from the scheduler's plugin and, once it has
+    loaded it, takes partitions (dynamic) or half the unstarted chunks of the busy rank's
+    partition (balanced: the run planned one partition); every row once."""
+    rows = 3000
     source = tmp_path / "prompts.parquet"
     pd.DataFrame(
-        {"id": range(rows), "prompt": [f"Item {i}: describe it." for i in range(rows)], "max_tokens": 48}
+        {"id": range(rows), "prompt": [f"Item {i}: describe it." for i in range(rows)], "max_tokens": 96}
     ).to_parquet(source)
     output = tmp_path / "out"
     command = [*DASKDP, "run", source, "-o", output, "--scheduler-address", scheduler, "--ignore-eos"]
-    run = sessions.start([*command, "--partitioning", "dynamic", "--quiet"], "run")
+    command += ["--chunk-size", 100, "--partitioning", partitioning, "--quiet"]
+    run = sessions.start(command, "run")
     wait_for_chunks(output, run, sessions)
     join_worker(scheduler, sessions, client, "joined")
     sessions.wait(run, "run", timeout=900)
