@@ -25,8 +25,8 @@ import pandas as pd
 from daskdp import checkpoint
 
 if TYPE_CHECKING:
+    from dask.typing import Key
     from distributed import Worker
-    from distributed.typing import Key
     from vllm import LLM
 
 RESULT_DTYPES = {
@@ -68,6 +68,7 @@ SKIPPED = "skipped"
 SAMPLING_KEYS = ("temperature", "top-p", "top-k", "max-tokens", "seed", "stop", "ignore-eos")
 OVERRIDE_COLUMNS = ("max_tokens", "temperature", "seed")
 PROGRESS_TOPIC = "daskdp-progress"
+GIVEN_AWAY = "daskdp-given-away"  # a task's metadata on the scheduler: chunks it gave away
 
 
 @dataclass(frozen=True)
@@ -225,13 +226,14 @@ def generate_and_write(
     """Generate one partition chunk by chunk, writing each chunk as it finishes.
 
     ``chunks``: only these chunks of the partition (given away by the rank that holds the
-    partition, `give_away`). Chunks not yet started may be given away in turn.
+    partition, `give_away`). Chunks not yet started may be given away in turn; a task run
+    again (its worker died) leaves out the chunks it gave away (`GIVEN_AWAY`).
 
     Returns one record per chunk: done, timed out (after ``request.retries`` further
-    attempts), or skipped because an earlier attempt at this partition, on a worker that
-    died, already wrote it.
+    attempts), or skipped because an earlier attempt at this task, on a worker that died,
+    already wrote it.
     """
-    from distributed import get_worker
+    from distributed import get_client, get_worker
 
     from daskdp.plugin import gang_engine, get_engine
 
@@ -243,11 +245,14 @@ def generate_and_write(
     engine, rank = get_engine()
     worker = get_worker().address
     written = checkpoint.done_chunks(output)
-    mine = part.groupby(part.index.to_numpy() // request.chunk_rows, sort=True)
-    if chunks is not None:
-        given = set(chunks)
-        mine = [(number, rows) for number, rows in mine if number in given]
-    report = ProgressReporter(get_worker(), request, partition, rank, len(part))
+    given = set(get_client().get_metadata([get_worker().get_current_task(), GIVEN_AWAY], default=[]))
+    wanted = set(chunks) if chunks is not None else None
+    mine = [
+        (number, rows)
+        for number, rows in part.groupby(part.index.to_numpy() // request.chunk_rows, sort=True)
+        if number not in given and (wanted is None or number in wanted)
+    ]
+    report = ProgressReporter(get_worker(), request, partition, rank, sum(len(rows) for _, rows in mine))
     todo, records = [], []
     for number, rows in mine:
         if number in written:
@@ -311,7 +316,7 @@ class ChunkQueue:
         key = get_worker().get_current_task()
         ChunkQueue.running[key] = self
         try:
-            yield self
+            yield
         finally:
             ChunkQueue.running.pop(key, None)
 
@@ -333,7 +338,11 @@ def queued_rows(keys: list[Key]) -> dict[Key, int]:
 
 def give_away(key: Key) -> list[int]:
     """Run on a worker (``client.run``): take half the unstarted chunks of task ``key``, for
-    another rank to generate; their numbers (none when the task has finished)."""
+    another rank to generate; their numbers (none when the task has finished).
+
+    The caller records them in the task's metadata under `GIVEN_AWAY`, so that the task, run
+    again after its worker died, leaves them out.
+    """
     queue = ChunkQueue.running.get(key)
     return queue.give_away() if queue is not None else []
 

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from conftest import daskdp_cli, read_results
-from daskdp import checkpoint, io
+from daskdp import checkpoint, io, runner
+from daskdp.errors import RunError
 from daskdp.generation import ChunkQueue
 
 LONG, SHORT = 48, 4
@@ -196,3 +197,13 @@ def test_a_queue_gives_away_the_back_half_of_what_is_unstarted():
     assert queue.give_away() == [3, 4, 5]
     assert [n for n, _ in taken] == [1, 2]
     assert queue.give_away() == [] and queue.rows() == 0
+
+
+def test_a_run_missing_rows_does_not_pass_as_finished():
+    """The last guard of "every row once": a run whose chunks do not cover the input fails,
+    resumable, naming how many rows have no result."""
+    summary = {"rows": 1000, "rows_done": 900, "timed_out_rows": 0, "error_rows": 0}
+    with pytest.raises(RunError, match="100 of 1,000 rows have no result") as raised:
+        runner.check_finished(summary, max_error_rate=None)
+    assert raised.value.resumable
+    runner.check_finished(summary | {"rows_done": 1000}, max_error_rate=None)
