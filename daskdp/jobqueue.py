@@ -144,7 +144,8 @@ class RankedJobs:
         self.sync(cancel)
 
     async def _close(self) -> None:
-        submitted = self.submitted()
+        async with self._lock:  # a submission still in flight (Ctrl-C during submit) ends first
+            submitted = self.submitted()
         try:
             await super()._close()
         finally:
@@ -375,7 +376,10 @@ def submit(cluster: JobQueueCluster, ranks: int) -> None:
         # Not cluster.scale(): it also submits from a callback, whose failure tornado would log.
         while len(cluster.worker_spec) < ranks:
             cluster.worker_spec.update(cluster.new_worker_spec())
-        await cluster._correct_state()  # submits here, so that a refusal is raised here
+        # Submits here, so that a refusal is raised here. Shielded: Ctrl-C cancels this wait,
+        # and a submission cancelled after the queue took the job would never learn its id,
+        # leaving the job queued after daskdp exits.
+        await asyncio.shield(cluster._correct_state())
 
     try:
         cluster.sync(scale)
