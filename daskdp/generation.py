@@ -244,8 +244,9 @@ def generate_and_write(
     partition = partition_info["number"] if partition_info else 0
     engine, rank = get_engine()
     worker = get_worker().address
+    key = get_worker().get_current_task()
     written = checkpoint.done_chunks(output)
-    given = set(get_client().get_metadata([get_worker().get_current_task(), GIVEN_AWAY], default=[]))
+    given = set(get_client().get_metadata([key, GIVEN_AWAY], default=[]))
     wanted = set(chunks) if chunks is not None else None
     mine = [
         (number, rows)
@@ -267,7 +268,7 @@ def generate_and_write(
         return checkpoint.write_chunk(chunk.results(rank, worker), output, record, request.id_column)
 
     queue = ChunkQueue(todo)
-    with ThreadPoolExecutor(1, thread_name_prefix="daskdp-write") as writer, queue.shared():
+    with ThreadPoolExecutor(1, thread_name_prefix="daskdp-write") as writer, queue.shared(key):
         writes = []
         waiting: Iterable[tuple[int, pd.DataFrame]] = queue
         for attempt in range(1, request.retries + 2):
@@ -309,11 +310,8 @@ class ChunkQueue:
             yield chunk
 
     @contextlib.contextmanager
-    def shared(self):
-        """Let other ranks take chunks from this queue while the current task runs."""
-        from distributed import get_worker
-
-        key = get_worker().get_current_task()
+    def shared(self, key: Key):
+        """Let other ranks take chunks from this queue while task ``key`` runs."""
         ChunkQueue.running[key] = self
         try:
             yield

@@ -152,7 +152,6 @@ def timeline_figure(results: pd.DataFrame, summary: dict[str, Any]) -> Figure:
     stragglers as bars that end late. Chunks are numbered when there are at most 40; rows an
     earlier run finished have no point, and above 100,000 points a random sample is drawn.
     """
-
     chunks = _chunks(summary)
     if chunks.empty:
         return _message_figure("Chunks on ranks", _nothing_generated(summary))
@@ -214,7 +213,6 @@ def timeline_figure(results: pd.DataFrame, summary: dict[str, Any]) -> Figure:
 
 def throughput_figure(summary: dict[str, Any]) -> Figure:
     """Output tokens per second of busy time, per rank, from the chunks it generated."""
-
     per_rank = _per_rank(summary)
     if per_rank.empty:
         return _message_figure("Output tokens per second per rank", _nothing_generated(summary))
@@ -231,7 +229,6 @@ def throughput_figure(summary: dict[str, Any]) -> Figure:
 
 def lengths_figure(results: pd.DataFrame) -> Figure:
     """Distributions of prompt and output lengths, in tokens, of the rows without an error."""
-
     fine = _numbers(results[results["error"].isna()], ["prompt_tokens", "output_tokens"])
     fig = _figure(9, 3.5)
     for ax, column, name in zip(fig.subplots(1, 2), fine.columns, ["Prompt", "Output"], strict=True):
@@ -254,7 +251,6 @@ def lengths_figure(results: pd.DataFrame) -> Figure:
 
 def finish_reasons_figure(results: pd.DataFrame) -> Figure:
     """Rows by finish reason (``stop``, ``length``), error rows counted as ``error``."""
-
     if results.empty:
         return _message_figure("Finish reasons", "No rows in the results: no chunk has finished")
     reasons = results["finish_reason"].astype(object).where(results["error"].isna(), "error")
@@ -413,7 +409,6 @@ def _nothing_generated(summary: dict[str, Any]) -> str:
 
 def _message_figure(title: str, message: str) -> Figure:
     """A figure that says why there is nothing to draw."""
-
     fig = _figure(9, 1.6)
     ax = fig.subplots()
     ax.set_axis_off()
