@@ -9,8 +9,8 @@ sees only its own GPUs (``CUDA_VISIBLE_DEVICES``) or, on a host without GPUs, it
 from __future__ import annotations
 
 import asyncio
-import copy
 import contextlib
+import copy
 import glob
 import multiprocessing
 import multiprocessing.forkserver
