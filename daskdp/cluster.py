@@ -99,12 +99,18 @@ def rank_environments(ranks: int, tensor_parallel_size: int) -> list[dict[str, s
     return environments
 
 
+# The RankedLocalClusters whose ranks fork from the forkserver; it is stopped when none is left.
+_forkserver_clusters = 0
+
+
 def start_forkserver(rank_environments: list[dict[str, str]]) -> None:
     """Start multiprocessing's forkserver with vLLM imported, for ranks sharing a host's cores.
 
     Ranks forked from it start with vLLM imported: one import of about 10 s of CPU instead of
     one per rank, each slowing the others on a host without GPUs.
     """
+    global _forkserver_clusters
+    _forkserver_clusters += 1
     shared = {
         key: value
         for key, value in rank_environments[0].items()
@@ -117,6 +123,18 @@ def start_forkserver(rank_environments: list[dict[str, str]]) -> None:
     multiprocessing.get_context("forkserver").set_forkserver_preload(["daskdp.preload"])
     with _environment({**pre_spawn, **shared}):
         multiprocessing.forkserver.ensure_running()
+
+
+def release_forkserver() -> None:
+    """Stop the forkserver when no cluster forks from it any more.
+
+    A process left behind would hold vLLM's memory, and the CPU time of the ranks it reaped
+    would be missing from this process's (``time``, the benchmarks).
+    """
+    global _forkserver_clusters
+    _forkserver_clusters -= 1
+    if _forkserver_clusters == 0:
+        multiprocessing.forkserver._forkserver._stop()  # the only way the standard library has
 
 
 @contextlib.contextmanager
@@ -157,7 +175,8 @@ class RankedLocalCluster(LocalCluster):
         # the cluster closes: a rank stopped at the end of a run leaves its own behind.
         self.scratch = tempfile.TemporaryDirectory(prefix="daskdp-ranks-")
         config = {**RANK_DASK_CONFIG, "distributed.worker.daemon": tensor_parallel_size == 1}
-        if not visible_gpus():
+        self.forked = not visible_gpus()
+        if self.forked:
             start_forkserver(self.rank_environments)
             config["distributed.worker.multiprocessing-method"] = "forkserver"
         # vLLM spawns its tensor-parallel workers: a worker process must be able to have children.
@@ -205,6 +224,9 @@ class RankedLocalCluster(LocalCluster):
     async def _close(self) -> None:
         await super()._close()
         self.scratch.cleanup()
+        if self.forked:
+            self.forked = False
+            release_forkserver()
 
 
 def default_ranks(tensor_parallel_size: int) -> int:
