@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import socket
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -87,7 +88,8 @@ def dask_setup(worker: Worker) -> None:
     The import takes seconds; it then overlaps the worker's start, the client's reading of the
     input, and the plugin's registration, instead of preceding the model load.
     """
-    threading.Thread(target=_import_ahead, name="daskdp-import-vllm", daemon=True).start()
+    tempfile.tempdir = None  # a forkserver that imported vLLM chose it, before TMPDIR was set
+    threading.Thread(target=import_vllm_ahead, name="daskdp-import-vllm", daemon=True).start()
     logging.getLogger("distributed.worker").addFilter(_heartbeat_without_traceback)
 
 
@@ -103,7 +105,8 @@ def _heartbeat_without_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
-def _import_ahead() -> None:
+def import_vllm_ahead() -> None:
+    """Import vLLM before an engine needs it; failures are left for the engine's load to report."""
     try:
         import_vllm()
     except BaseException:

@@ -6,11 +6,18 @@ import multiprocessing
 import os
 
 import dask.config
+import psutil
 import pytest
 from distributed import Client
 
 from conftest import daskdp_cli
-from daskdp.cluster import RANK_DASK_CONFIG, RankedLocalCluster, default_ranks, rank_environments
+from daskdp.cluster import (
+    RANK_DASK_CONFIG,
+    RankedLocalCluster,
+    default_ranks,
+    rank_environments,
+    visible_gpus,
+)
 from daskdp.errors import UserError
 
 
@@ -45,6 +52,24 @@ def test_local_cluster_listens_on_loopback_only():
         addresses = [cluster.scheduler_address, *client.scheduler_info()["workers"]]
         assert all(address.startswith("tcp://127.0.0.1:") for address in addresses)
         assert "127.0.0.1" in client.dashboard_link
+
+
+def test_cpu_ranks_are_forked_with_vllm_imported(monkeypatch):
+    """On a host without GPUs the ranks fork from one process that imported vLLM (and torch)."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    if visible_gpus():
+        pytest.skip("GPU hosts start their ranks with spawn")
+
+    def parent():
+        process = psutil.Process().parent()
+        libraries = {os.path.basename(mapping.path) for mapping in process.memory_maps()}
+        return " ".join(process.cmdline()), "libtorch_cpu.so" in libraries
+
+    with RankedLocalCluster(ranks=2) as cluster, Client(cluster) as client:
+        parents = list(client.run(parent).values())
+    assert len(parents) == 2 and parents[0] == parents[1]
+    command, torch_loaded = parents[0]
+    assert "multiprocessing.forkserver" in command and torch_loaded
 
 
 def test_ranks_run_nothing_of_dask_beside_the_engine():

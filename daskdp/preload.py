@@ -1,0 +1,18 @@
+"""Imported by the forkserver that starts the ranks of a host without GPUs (`daskdp.cluster`):
+every rank forked from it starts with vLLM and the modules of its tasks already imported."""
+
+import atexit
+import os
+
+import dask.dataframe  # noqa: F401  (reading and partitioning the input)
+
+import daskdp.generation  # noqa: F401
+import daskdp.io  # noqa: F401
+from daskdp.plugin import import_vllm_ahead
+
+import_vllm_ahead()
+
+# The forkserver has nothing to clean up: it exits at once instead of running vLLM's and torch's
+# exit handlers, which kept the output of `daskdp run` open for 2 to 5 s after it ended. (The
+# ranks it forks never run these handlers: they end with os._exit.)
+atexit.register(os._exit, 0)
