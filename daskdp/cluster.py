@@ -116,10 +116,14 @@ def start_forkserver(rank_environments: list[dict[str, str]]) -> None:
         for key, value in rank_environments[0].items()
         if all(env.get(key) == value for env in rank_environments)
     }
+    # The rule of distributed.nanny: the OS environment wins over the config, None unsets.
     pre_spawn = {
-        key: str(value) for key, value in dask.config.get("distributed.nanny.pre-spawn-environ").items()
+        key: os.environ.get(key, str(value))
+        for key, value in dask.config.get("distributed.nanny.pre-spawn-environ").items()
+        if value is not None
     }
-    pre_spawn.setdefault("PYTHONHASHSEED", "6640")
+    if pre_spawn.get("PYTHONHASHSEED") in (None, "0"):
+        pre_spawn["PYTHONHASHSEED"] = "6640"  # as the nanny does, for consistent hashing
     multiprocessing.get_context("forkserver").set_forkserver_preload(["daskdp.preload"])
     with _environment({**pre_spawn, **shared}):
         multiprocessing.forkserver.ensure_running()
@@ -180,19 +184,23 @@ class RankedLocalCluster(LocalCluster):
             start_forkserver(self.rank_environments)
             config["distributed.worker.multiprocessing-method"] = "forkserver"
         # vLLM spawns its tensor-parallel workers: a worker process must be able to have children.
-        with dask.config.set(config):
-            super().__init__(
-                n_workers=0,
-                threads_per_worker=1,
-                processes=True,
-                host=host,
-                dashboard_address=dashboard_address,
-                resources={GPU: tensor_parallel_size},
-                preload=["daskdp.plugin"],  # starts importing vLLM as each worker starts
-                **kwargs,
-            )
-            self.scale(ranks)
-            self.sync(self._correct_state)
+        try:
+            with dask.config.set(config):
+                super().__init__(
+                    n_workers=0,
+                    threads_per_worker=1,
+                    processes=True,
+                    host=host,
+                    dashboard_address=dashboard_address,
+                    resources={GPU: tensor_parallel_size},
+                    preload=["daskdp.plugin"],  # starts importing vLLM as each worker starts
+                    **kwargs,
+                )
+                self.scale(ranks)
+                self.sync(self._correct_state)
+        except BaseException:
+            self._release_forkserver()  # unless closing the failed cluster already did
+            raise
 
     def stop_ranks(self, grace: float = 0.1) -> None:
         """End the worker processes now, giving each ``grace`` seconds before SIGKILL.
@@ -224,6 +232,9 @@ class RankedLocalCluster(LocalCluster):
     async def _close(self) -> None:
         await super()._close()
         self.scratch.cleanup()
+        self._release_forkserver()
+
+    def _release_forkserver(self) -> None:
         if self.forked:
             self.forked = False
             release_forkserver()
