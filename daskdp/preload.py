@@ -2,6 +2,7 @@
 every rank forked from it starts with vLLM and the modules of its tasks already imported."""
 
 import atexit
+import gc
 import os
 
 import dask.dataframe  # noqa: F401  (reading and partitioning the input)
@@ -16,3 +17,7 @@ import_vllm_ahead()
 # exit handlers, which kept the output of `daskdp run` open for 2 to 5 s after it ended. (The
 # ranks it forks never run these handlers: they end with os._exit.)
 atexit.register(os._exit, 0)
+
+# Forked ranks share these modules' memory until they write to it; a collection walking them
+# would write to every object's header (copying the pages) for nothing: they stay alive.
+gc.freeze()
