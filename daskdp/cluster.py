@@ -16,6 +16,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import re
+import signal
 import ssl
 import tempfile
 from pathlib import Path
@@ -56,14 +57,26 @@ def visible_gpus() -> list[str]:
     return sorted((path.removeprefix("/dev/nvidia") for path in devices), key=int)
 
 
+# vLLM's INFO and WARNING lines and its load bars from every rank drown the progress display.
+QUIET = {
+    "VLLM_LOGGING_LEVEL": "ERROR",
+    "TORCH_CPP_LOG_LEVEL": "ERROR",
+}
+# One compute thread per rank on a host without GPUs: with more, OpenMP's threads and the
+# engine's Python thread fight over the rank's cores (2 threads on 2 cores ran 2x slower here).
+CPU_RANK_THREADS = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+def _quiet() -> dict[str, str]:
+    return {key: os.environ.get(key, value) for key, value in QUIET.items()}
+
+
 def rank_environments(ranks: int, tensor_parallel_size: int) -> list[dict[str, str]]:
     """Launch environment of each rank: its own GPUs, or on a CPU host its own cores."""
-    # vLLM's INFO and WARNING lines and its load bars from every rank drown the progress display.
-    quiet = {
-        "VLLM_LOGGING_LEVEL": "ERROR",
-        "TORCH_CPP_LOG_LEVEL": "ERROR",
-    }
-    common = {key: os.environ.get(key, value) for key, value in quiet.items()}
+    common = _quiet()
     gpus = visible_gpus()
     if gpus:
         needed = ranks * tensor_parallel_size
@@ -87,35 +100,48 @@ def rank_environments(ranks: int, tensor_parallel_size: int) -> list[dict[str, s
     for i in range(ranks):
         own = [cores[(i * per_rank + j) % len(cores)] for j in range(per_rank)]
         environments.append(
-            {
-                **common,
-                "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, own)),
-                # One compute thread per rank: with more, OpenMP's threads and the engine's Python
-                # thread fight over the rank's cores (2 threads on 2 cores ran 2x slower here).
-                "OMP_NUM_THREADS": "1",
-                "MKL_NUM_THREADS": "1",
-            }
+            {**common, "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, own)), **CPU_RANK_THREADS}
         )
     return environments
 
 
-# The RankedLocalClusters whose ranks fork from the forkserver; it is stopped when none is left.
-_forkserver_clusters = 0
+# Holders of the forkserver (clusters forking ranks from it, runs about to start one); it is
+# stopped when none is left.
+_forkserver_holders = 0
 
 
-def start_forkserver(rank_environments: list[dict[str, str]]) -> None:
+def forks_local_ranks(cluster_config: dict[str, Any]) -> bool:
+    """Whether `connect` with ``cluster_config`` starts ranks on this host forked from the forkserver."""
+    local = (cluster_config.get("type") or "local") == "local" and not cluster_config["scheduler-address"]
+    return local and not visible_gpus()
+
+
+@contextlib.contextmanager
+def forkserver_for(cluster_config: dict[str, Any]):
+    """Hold the forkserver while a run that will fork its ranks from it gets ready.
+
+    vLLM then imports there while the run imports its own modules and checks its input; a run
+    that stops before its cluster starts stops the forkserver.
+    """
+    held = forks_local_ranks(cluster_config)
+    if held:
+        start_forkserver()
+    try:
+        yield
+    finally:
+        if held:
+            release_forkserver()
+
+
+def start_forkserver() -> None:
     """Start multiprocessing's forkserver with vLLM imported, for ranks sharing a host's cores.
 
     Ranks forked from it start with vLLM imported: one import of about 10 s of CPU instead of
-    one per rank, each slowing the others on a host without GPUs.
+    one per rank, each slowing the others on a host without GPUs. Each call holds it until
+    :func:`release_forkserver`.
     """
-    global _forkserver_clusters
-    _forkserver_clusters += 1
-    shared = {
-        key: value
-        for key, value in rank_environments[0].items()
-        if all(env.get(key) == value for env in rank_environments)
-    }
+    global _forkserver_holders
+    _forkserver_holders += 1
     # The rule of distributed.nanny: the OS environment wins over the config, None unsets.
     pre_spawn = {
         key: os.environ.get(key, str(value))
@@ -125,20 +151,24 @@ def start_forkserver(rank_environments: list[dict[str, str]]) -> None:
     if pre_spawn.get("PYTHONHASHSEED") in (None, "0"):
         pre_spawn["PYTHONHASHSEED"] = "6640"  # as the nanny does, for consistent hashing
     multiprocessing.get_context("forkserver").set_forkserver_preload(["daskdp.preload"])
-    with _environment({**pre_spawn, **shared}):
+    with _environment({**pre_spawn, **_quiet(), **CPU_RANK_THREADS}):
         multiprocessing.forkserver.ensure_running()
 
 
 def release_forkserver() -> None:
-    """Stop the forkserver when no cluster forks from it any more.
+    """Stop the forkserver when nothing holds it any more.
 
     A process left behind would hold vLLM's memory, and the CPU time of the ranks it reaped
     would be missing from this process's (``time``, the benchmarks).
     """
-    global _forkserver_clusters
-    _forkserver_clusters -= 1
-    if _forkserver_clusters == 0:
-        multiprocessing.forkserver._forkserver._stop()  # the only way the standard library has
+    global _forkserver_holders
+    _forkserver_holders -= 1
+    if _forkserver_holders == 0:
+        forkserver = multiprocessing.forkserver._forkserver
+        if forkserver._forkserver_pid is not None:
+            # Asked to stop, it would first finish importing vLLM (a run that stopped early).
+            os.kill(forkserver._forkserver_pid, signal.SIGKILL)
+        forkserver._stop()  # the only way the standard library has
 
 
 @contextlib.contextmanager
@@ -181,7 +211,7 @@ class RankedLocalCluster(LocalCluster):
         config = {**RANK_DASK_CONFIG, "distributed.worker.daemon": tensor_parallel_size == 1}
         self.forked = not visible_gpus()
         if self.forked:
-            start_forkserver(self.rank_environments)
+            start_forkserver()
             config["distributed.worker.multiprocessing-method"] = "forkserver"
         # vLLM spawns its tensor-parallel workers: a worker process must be able to have children.
         try:
