@@ -229,7 +229,12 @@ class RankedLocalCluster(LocalCluster):
                 self.scale(ranks)
                 self.sync(self._correct_state)
         except BaseException:
-            self._release_forkserver()  # unless closing the failed cluster already did
+            # Interrupted while its workers start (Ctrl-C): the forkserver goes first, so that
+            # workers waiting for it fail at once, then the cluster, which Dask's exit hook
+            # fails to close when half started. One that failed to start is closed already.
+            self._release_forkserver()
+            with contextlib.suppress(Exception):
+                self.close(timeout=10)
             raise
 
     def stop_ranks(self, grace: float = 0.1) -> None:
