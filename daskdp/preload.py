@@ -13,9 +13,9 @@ from daskdp.plugin import import_vllm_ahead
 
 import_vllm_ahead()
 
-# The forkserver has nothing to clean up: it exits at once instead of running vLLM's and torch's
-# exit handlers, which kept the output of `daskdp run` open for 2 to 5 s after it ended. (The
-# ranks it forks never run these handlers: they end with os._exit.)
+# The forkserver has nothing to clean up. `release_forkserver` kills it; when its parent exits
+# without releasing it, it exits at once instead of running vLLM's and torch's exit handlers,
+# which kept the parent's output open for 2 to 5 s. (Its ranks end with os._exit.)
 atexit.register(os._exit, 0)
 
 # Forked ranks share these modules' memory until they write to it; a collection walking them
