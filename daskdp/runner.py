@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import math
@@ -10,6 +11,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
@@ -35,7 +37,7 @@ from daskdp.plugin import EnginePlugin, ensure_engines
 if TYPE_CHECKING:
     import dask.dataframe as dd
     from dask.typing import Key
-    from distributed import Client, Future
+    from distributed import Client, Future, SpecCluster
 
     from daskdp.gang import GangMode
 
@@ -148,15 +150,44 @@ def run(
                 progress=progress,
                 gang_mode=gang_mode,
             )
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.stop_ranks()  # every chunk written is complete; nothing in the workers is kept
-            cluster.close()
+    except BaseException:
+        # Stopped midway (Ctrl-C, SIGTERM, a failure): as its workers go, the scheduler still
+        # reports their tasks to the closing client and logs each refused message with a
+        # traceback. The user has been told what stopped the run; those are no news.
+        with silenced("distributed"):
+            shut_down(client, cluster)
+        raise
+    shut_down(client, cluster)
     summary = summarize(records, earlier, output, layout, source, model, settings, started)
     io.write_summary(summary, output)
     check_finished(summary, limits["max-error-rate"])
     return summary
+
+
+def shut_down(client: Client, cluster: SpecCluster | None) -> None:
+    """Close the run's client, and the cluster when the run started it."""
+    client.close()
+    if cluster is not None:
+        cluster.stop_ranks()  # every chunk written is complete; nothing in the workers is kept
+        cluster.close()
+
+
+@contextlib.contextmanager
+def silenced(name: str) -> Iterator[None]:
+    """Drop every record of logger ``name`` and of the loggers under it, while in the block."""
+    loggers = [logging.getLogger(name)] + [
+        each
+        for each_name, each in list(logging.root.manager.loggerDict.items())
+        if each_name.startswith(f"{name}.") and isinstance(each, logging.Logger)
+    ]
+    levels = [each.level for each in loggers]
+    for each in loggers:
+        each.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for each, level in zip(loggers, levels, strict=True):
+            each.setLevel(level)
 
 
 def resumable_manifest(output: str, settings: dict[str, Any]) -> dict[str, Any] | None:
