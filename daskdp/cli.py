@@ -190,15 +190,22 @@ def main(argv: list[str] | None = None) -> int:
         with forkserver_for(config.load(args.config, overrides(args))["cluster"]):
             from daskdp.runner import run
 
-            summary = run(
-                args.prompts,
-                args.output,
-                config_file=args.config,
-                overrides=overrides(args),
-                resume=args.resume,
-                overwrite=args.overwrite,
-                progress=None if args.quiet else sys.stderr,
-            )
+            try:
+                summary = run(
+                    args.prompts,
+                    args.output,
+                    config_file=args.config,
+                    overrides=overrides(args),
+                    resume=args.resume,
+                    overwrite=args.overwrite,
+                    progress=None if args.quiet else sys.stderr,
+                )
+            except (KeyboardInterrupt, Terminated):
+                # What Dask logs from here on comes from the stopped cluster: workers that were
+                # starting fail as the forkserver is stopped on the way out, tasks are cancelled.
+                # Tracebacks, after which the message that matters would scroll away.
+                logging.disable(logging.CRITICAL)
+                raise
     except UserError as e:
         print(f"daskdp: error: {e}", file=sys.stderr)
         return 2

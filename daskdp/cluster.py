@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import copy
 import glob
+import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -19,6 +20,8 @@ import re
 import signal
 import ssl
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from dask.utils import parse_timedelta
 from distributed import Client, LocalCluster, SpecCluster
 from distributed.comm import CommClosedError
 from distributed.comm.addressing import parse_address
+from distributed.proctitle import enable_proctitle_on_children
 from distributed.security import Security
 
 from daskdp.errors import UserError
@@ -151,7 +155,9 @@ def start_forkserver() -> None:
     if pre_spawn.get("PYTHONHASHSEED") in (None, "0"):
         pre_spawn["PYTHONHASHSEED"] = "6640"  # as the nanny does, for consistent hashing
     multiprocessing.get_context("forkserver").set_forkserver_preload(["daskdp.preload"])
-    with _environment({**pre_spawn, **_quiet(), **CPU_RANK_THREADS}):
+    # As a nanny does for the workers it starts: they show as `dask worker [...]` in ps and top.
+    enable_proctitle_on_children()
+    with _environment({**pre_spawn, **_quiet(), **CPU_RANK_THREADS}), _sigint_ignored():
         multiprocessing.forkserver.ensure_running()
 
 
@@ -169,6 +175,41 @@ def release_forkserver() -> None:
             # Asked to stop, it would first finish importing vLLM (a run that stopped early).
             os.kill(forkserver._forkserver_pid, signal.SIGKILL)
         forkserver._stop()  # the only way the standard library has
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Start processes that ignore Ctrl-C: the terminal sends SIGINT to the whole process
+    group, and the process that started them stops them itself. (The forkserver ignores it
+    once its imports are done, and its ranks inherit what it had before; killed mid-import,
+    it made each worker waiting for it log a traceback.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def silenced(*names: str) -> Iterator[None]:
+    """Drop every record of the loggers ``names`` and of the loggers under them, in the block."""
+    prefixes = tuple(f"{name}." for name in names)
+    loggers = [logging.getLogger(name) for name in names] + [
+        each
+        for each_name, each in list(logging.root.manager.loggerDict.items())
+        if each_name.startswith(prefixes) and isinstance(each, logging.Logger)
+    ]
+    levels = [each.level for each in loggers]
+    for each in loggers:
+        each.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for each, level in zip(loggers, levels, strict=True):
+            each.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -230,11 +271,14 @@ class RankedLocalCluster(LocalCluster):
                 self.sync(self._correct_state)
         except BaseException:
             # Interrupted while its workers start (Ctrl-C): the forkserver goes first, so that
-            # workers waiting for it fail at once, then the cluster, which Dask's exit hook
-            # fails to close when half started. One that failed to start is closed already.
-            self._release_forkserver()
-            with contextlib.suppress(Exception):
-                self.close(timeout=10)
+            # workers waiting for it fail at once (Dask logs each with a traceback: no news),
+            # then the cluster. Its close fails on the cancelled start, and Dask's exit hook
+            # would wait 10 s on it again: the process exits, and its workers with it.
+            with silenced("distributed", "tornado"):
+                self._release_forkserver()
+                with contextlib.suppress(Exception):
+                    self.close(timeout=10)
+            self.shutdown_on_close = False
             raise
 
     def stop_ranks(self, grace: float = 0.1) -> None:

@@ -91,6 +91,7 @@ def dask_setup(worker: Worker) -> None:
     tempfile.tempdir = None  # a forkserver that imported vLLM chose it, before TMPDIR was set
     threading.Thread(target=import_vllm_ahead, name="daskdp-import-vllm", daemon=True).start()
     logging.getLogger("distributed.worker").addFilter(_heartbeat_without_traceback)
+    logging.getLogger("distributed.worker.state_machine").addFilter(_not_a_task_stopped_by_close)
 
 
 def _heartbeat_without_traceback(record: logging.LogRecord) -> bool:
@@ -103,6 +104,15 @@ def _heartbeat_without_traceback(record: logging.LogRecord) -> bool:
     if record.getMessage().startswith("Failed to communicate with scheduler during heartbeat"):
         record.exc_info = record.exc_text = None
     return True
+
+
+def _not_a_task_stopped_by_close(record: logging.LogRecord) -> bool:
+    """Drop the warning for a task the worker's close stopped.
+
+    Ranks close mid-task only when their run is stopped (Ctrl-C, SIGTERM, ``--timeout``), and
+    ``daskdp run`` says so in its own message; each rank's warning would land beside it.
+    """
+    return not record.getMessage().endswith("ended with CancelledError")
 
 
 def import_vllm_ahead() -> None:

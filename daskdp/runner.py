@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import logging
 import math
@@ -11,7 +10,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
@@ -21,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from daskdp import checkpoint, config, io
-from daskdp.cluster import GPU, connect, visible_gpus
+from daskdp.cluster import GPU, connect, silenced, visible_gpus
 from daskdp.errors import RunError, UserError
 from daskdp.generation import (
     GIVEN_AWAY,
@@ -153,8 +151,8 @@ def run(
     except BaseException:
         # Stopped midway (Ctrl-C, SIGTERM, a failure): as its workers go, the scheduler still
         # reports their tasks to the closing client and logs each refused message with a
-        # traceback. The user has been told what stopped the run; those are no news.
-        with silenced("distributed"):
+        # traceback, as asyncio does for its broadcasts. The user is told what stopped the run.
+        with silenced("distributed", "tornado", "asyncio"):
             shut_down(client, cluster)
         raise
     shut_down(client, cluster)
@@ -170,24 +168,6 @@ def shut_down(client: Client, cluster: SpecCluster | None) -> None:
     if cluster is not None:
         cluster.stop_ranks()  # every chunk written is complete; nothing in the workers is kept
         cluster.close()
-
-
-@contextlib.contextmanager
-def silenced(name: str) -> Iterator[None]:
-    """Drop every record of logger ``name`` and of the loggers under it, while in the block."""
-    loggers = [logging.getLogger(name)] + [
-        each
-        for each_name, each in list(logging.root.manager.loggerDict.items())
-        if each_name.startswith(f"{name}.") and isinstance(each, logging.Logger)
-    ]
-    levels = [each.level for each in loggers]
-    for each in loggers:
-        each.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        for each, level in zip(loggers, levels, strict=True):
-            each.setLevel(level)
 
 
 def resumable_manifest(output: str, settings: dict[str, Any]) -> dict[str, Any] | None:

@@ -62,6 +62,13 @@ def family(process: subprocess.Popen) -> list[psutil.Process]:
     return [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
 
 
+def command_line(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # gone meanwhile
+        return ""
+
+
 def assert_gone(processes: list[psutil.Process]) -> None:
     gone, alive = psutil.wait_procs(processes, timeout=30)
     assert not alive, f"processes left behind: {[p.cmdline() for p in alive]}"
@@ -164,6 +171,25 @@ def test_a_signal_stops_cleanly_and_says_how_to_resume(tmp_path, signum, code, t
     done = daskdp_cli(*command.split()[1:], "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_exactly_once(output)
+
+
+def test_ctrl_c_while_vllm_imports_stops_at_once_with_one_line(tmp_path):
+    """Ctrl-C in the first seconds, while the forkserver of the ranks still imports vLLM: exit
+    130 with the one line saying how to continue, no traceback from the workers that were
+    starting, and no process left."""
+    source = staggered_prompts(tmp_path / "prompts.parquet")
+    process = start_run(source, "-o", tmp_path / "out", "--workers", 2)
+    deadline = time.monotonic() + 60
+    while not any("forkserver" in command_line(p) for p in family(process)[1:]):
+        assert process.poll() is None and time.monotonic() < deadline, "no forkserver started"
+        time.sleep(0.1)
+    processes = family(process)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert_gone(processes)
+    lines = [line for line in stderr.splitlines() if not line.startswith("Dask dashboard: ")]
+    assert len(lines) == 1 and lines[0].startswith("daskdp: stopped by SIGINT"), stderr[-3000:]
 
 
 def test_a_chunk_past_its_timeout_is_stopped_and_the_rank_moves_on(tmp_path):
