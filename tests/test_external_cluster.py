@@ -28,7 +28,7 @@ from daskdp.plugin import PLUGIN_NAME, engine_status
 DASK = [sys.executable, "-m", "dask"]
 WORKER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
 ROWS = 240
-STARTUP_TIMEOUT = 30  # cluster.startup-timeout of the run whose worker is killed
+STARTUP_TIMEOUT = 15  # cluster.startup-timeout of the run whose worker is killed
 
 
 def staggered_prompts(path: Path, rows: int = ROWS) -> Path:

@@ -117,9 +117,10 @@ def test_a_killed_worker_loses_nothing_and_redoes_no_finished_chunk(tmp_path):
     assert_greedy_texts(results.reset_index(), [records[0]["first_id"], rerun[-1]["last_id"]])
 
 
-def test_a_killed_run_resumes_where_it_stopped(tmp_path):
+def test_a_killed_run_resumes_where_it_stopped(tmp_path, cluster):
     """SIGKILL the whole process group (client and local cluster): nothing written is corrupt,
     no process is left, and --resume finishes with every row once and no finished chunk redone."""
+    _, client = cluster
     source = staggered_prompts(tmp_path / "prompts.parquet")
     output = tmp_path / "out"
     process = start_run(source, "-o", output, "--workers", 2, "--chunk-size", 20, "--quiet")
@@ -132,7 +133,10 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path):
     for part in before:  # every file a reader can see is complete Parquet
         pd.read_parquet(output / part)
 
-    done = daskdp_cli("run", source, "-o", output, "--workers", 2, "--chunk-size", 20, "--resume", "--quiet")
+    address = client.scheduler.address  # resumed on a warm cluster
+    done = daskdp_cli(
+        "run", source, "-o", output, "--chunk-size", 20, "--scheduler-address", address, "--resume", "--quiet"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert_exactly_once(output)
     summary = json.loads((output / "_summary.json").read_text())
@@ -192,7 +196,7 @@ def test_ctrl_c_while_vllm_imports_stops_at_once_with_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("daskdp: stopped by SIGINT"), stderr[-3000:]
 
 
-def test_a_chunk_past_its_timeout_is_stopped_and_the_rank_moves_on(tmp_path):
+def test_a_chunk_past_its_timeout_is_stopped_and_the_rank_moves_on(tmp_path, cluster):
     """Rows that would run far past --chunk-timeout: their chunk is aborted (and retried), the
     rank generates the other chunks, the run exits 1 naming the ids, and --resume with a larger
     timeout finishes the job."""
@@ -208,7 +212,9 @@ def test_a_chunk_past_its_timeout_is_stopped_and_the_rank_moves_on(tmp_path):
     source = tmp_path / "prompts.parquet"
     frame.to_parquet(source)
     output = tmp_path / "out"
-    common = ["-o", output, "--workers", 1, "--chunk-size", 10, "--ignore-eos", "--quiet"]
+    _, client = cluster
+    address = client.scheduler.address
+    common = ["-o", output, "--scheduler-address", address, "--chunk-size", 10, "--ignore-eos", "--quiet"]
     done = daskdp_cli("run", source, *common, "--chunk-timeout", 1, "--retries", 1)
     assert done.returncode == 1, done.stderr[-3000:]
     failed = [line for line in done.stderr.splitlines() if line.startswith("daskdp: run failed")]
@@ -250,8 +256,10 @@ def finished_run(tmp_path):
     return source, output, args
 
 
-def test_resume_refuses_another_run_and_redoes_a_corrupt_chunk(finished_run, tmp_path):
+def test_resume_refuses_another_run_and_redoes_a_corrupt_chunk(finished_run, tmp_path, cluster):
     source, output, args = finished_run
+    _, client = cluster
+    args = [*args, "--scheduler-address", client.scheduler.address]  # resumed on a warm cluster
 
     done = daskdp_cli("run", *args)
     assert done.returncode == 2

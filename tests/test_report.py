@@ -80,13 +80,26 @@ def test_report_command(run):
 
 
 @pytest.mark.slow
-def test_resumed_run_that_generated_nothing(run, tmp_path):
+def test_resumed_run_that_generated_nothing(run, tmp_path, cluster):
     """Resuming a finished run generates nothing; its report says so instead of failing."""
     out, _ = run
+    _, client = cluster
     resumed = tmp_path / "out"
     shutil.copytree(out, resumed)
     source = out.parent / "prompts.jsonl"
-    done = daskdp_cli("run", source, "-o", resumed, "--workers", 2, "--max-tokens", 16, "--quiet", "--resume")
+    address = client.scheduler.address  # a warm cluster: the resume needs one to read the input
+    done = daskdp_cli(
+        "run",
+        source,
+        "-o",
+        resumed,
+        "--scheduler-address",
+        address,
+        "--max-tokens",
+        16,
+        "--quiet",
+        "--resume",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((resumed / io.SUMMARY_FILE).read_text())
     assert (summary["rows_generated"], summary["rows_skipped"]) == (0, 30 + len(BAD_ROWS))
