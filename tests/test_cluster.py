@@ -47,41 +47,41 @@ def test_tensor_parallel_workers_may_have_children():
     assert resources == [{"GPU": 2}]
 
 
-def test_local_cluster_listens_on_loopback_only():
-    with RankedLocalCluster(ranks=1) as cluster, Client(cluster) as client:
-        addresses = [cluster.scheduler_address, *client.scheduler_info()["workers"]]
-        assert all(address.startswith("tcp://127.0.0.1:") for address in addresses)
-        assert "127.0.0.1" in client.dashboard_link
+def test_local_cluster_listens_on_loopback_only(cluster):
+    cluster, client = cluster
+    addresses = [cluster.scheduler_address, *client.scheduler_info()["workers"]]
+    assert len(addresses) == 3
+    assert all(address.startswith("tcp://127.0.0.1:") for address in addresses)
+    assert "127.0.0.1" in client.dashboard_link
 
 
-def test_cpu_ranks_are_forked_with_vllm_imported(monkeypatch):
+def test_cpu_ranks_are_forked_with_vllm_imported(cluster):
     """On a host without GPUs the ranks fork from one process that imported vLLM (and torch)."""
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     if visible_gpus():
         pytest.skip("GPU hosts start their ranks with spawn")
+    _, client = cluster
 
     def parent():
         process = psutil.Process().parent()
         libraries = {os.path.basename(mapping.path) for mapping in process.memory_maps()}
         return " ".join(process.cmdline()), "libtorch_cpu.so" in libraries
 
-    with RankedLocalCluster(ranks=2) as cluster, Client(cluster) as client:
-        parents = list(client.run(parent).values())
+    parents = list(client.run(parent).values())
     assert len(parents) == 2 and parents[0] == parents[1]
     command, torch_loaded = parents[0]
     assert "multiprocessing.forkserver" in command and torch_loaded
 
 
-def test_ranks_run_nothing_of_dask_beside_the_engine():
+def test_ranks_run_nothing_of_dask_beside_the_engine(cluster):
     """Dask's profiler and disk counters are off in the ranks, its timers slower, and only there."""
-    with RankedLocalCluster(ranks=1) as cluster, Client(cluster) as client:
-        settings = client.run(
-            lambda: (
-                [dask.config.get(key) for key in RANK_DASK_CONFIG]
-                + [dask.config.get("distributed.worker.daemon")]
-            )
+    _, client = cluster
+    settings = client.run(
+        lambda: (
+            [dask.config.get(key) for key in RANK_DASK_CONFIG]
+            + [dask.config.get("distributed.worker.daemon")]
         )
-    assert list(settings.values()) == [[*RANK_DASK_CONFIG.values(), True]]
+    )
+    assert list(settings.values()) == [[*RANK_DASK_CONFIG.values(), True]] * 2
     # this process keeps Dask's defaults
     assert all(dask.config.get(key) != value for key, value in RANK_DASK_CONFIG.items())
 
