@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import os
 import posixpath
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -392,6 +396,34 @@ def check_output(output: str, resume: bool, overwrite: bool) -> None:
             f"output directory {output} holds the results of an earlier run; pass --resume to "
             "continue it, --overwrite to replace it, or choose another -o/--output"
         )
+
+
+@contextlib.contextmanager
+def output_lock(output: str) -> Iterator[None]:
+    """Hold ``output`` for this run; refuse it while another run on this host holds it.
+
+    Two runs writing one directory would overwrite each other's chunks and manifest. The lock
+    is a file in the temporary directory named after the output's URL, held with ``filelock``:
+    the system releases it when its process ends, killed or not. Runs on other hosts writing
+    to one shared directory are not seen.
+    """
+    import filelock
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(output)
+    key = hashlib.sha256(fs.unstrip_protocol(path).encode()).hexdigest()[:16]
+    lock = filelock.FileLock(os.path.join(tempfile.gettempdir(), f"daskdp-output-{key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise UserError(
+            f"output {output} is being written by another daskdp run on this host; wait for it "
+            "to finish or choose another -o/--output"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def has_results(output: str) -> bool:

@@ -96,70 +96,71 @@ def run(
     gang_mode = gang.resolve(settings["parallel"], model, engine_args)
     prompts = io.read_prompts(source, settings["input"])
     output = output or io.default_output(source)
-    io.check_output(output, resume, overwrite)
-    result_settings = checkpoint.result_settings(model, engine_args, settings)
-    manifest = resumable_manifest(output, result_settings) if resume else None
-    limits = settings["run"]
-    started = time.time()
-    tensor_parallel_size = int(engine_args.get("tensor_parallel_size", 1))
-    client, cluster = connect(settings["cluster"], tensor_parallel_size)
-    try:
-        if progress is not None and client.dashboard_link:
-            print(f"Dask dashboard: {client.dashboard_link}", file=progress)
-        logger.info("Dask dashboard: %s", client.dashboard_link)
-        # A bad input fails here, before any engine loads.
-        survey = prompts.survey(int(settings["sampling"]["max-tokens"]))
-        planned = max(1, len(gpu_workers(client)))
-        layout, earlier = prepare_output(
-            output,
-            source,
-            survey,
-            result_settings,
-            manifest,
-            ranks=planned,
-            chunk_size=limits["chunk-size"],
-            prefix_locality=limits["prefix-locality"],
-        )
-        todo = [chunk for chunk in range(layout.chunks) if chunk not in earlier]
-        request = GenerationRequest(
-            sampling=settings["sampling"],
-            prompt_column=settings["input"]["prompt-column"],
-            messages_column=settings["input"]["messages-column"],
-            id_column=settings["input"]["id-column"],
-            run_id=uuid.uuid4().hex,
-            chunk_rows=layout.chunk_rows,
-            chunk_timeout=limits["chunk-timeout"],
-            retries=int(limits["retries"]),
-            progress_interval=limits["progress-interval"],
-        )
-        records = record_meta()
-        if todo:
-            plan = Plan(prompts, survey, layout, todo, limits["partitioning"])
-            deadline = started + limits["timeout"] if limits["timeout"] else None
-            records = generate(
-                client,
-                plan,
-                EnginePlugin(model, engine_args),
-                request,
+    with io.output_lock(output):
+        io.check_output(output, resume, overwrite)
+        result_settings = checkpoint.result_settings(model, engine_args, settings)
+        manifest = resumable_manifest(output, result_settings) if resume else None
+        limits = settings["run"]
+        started = time.time()
+        tensor_parallel_size = int(engine_args.get("tensor_parallel_size", 1))
+        client, cluster = connect(settings["cluster"], tensor_parallel_size)
+        try:
+            if progress is not None and client.dashboard_link:
+                print(f"Dask dashboard: {client.dashboard_link}", file=progress)
+            logger.info("Dask dashboard: %s", client.dashboard_link)
+            # A bad input fails here, before any engine loads.
+            survey = prompts.survey(int(settings["sampling"]["max-tokens"]))
+            planned = max(1, len(gpu_workers(client)))
+            layout, earlier = prepare_output(
                 output,
-                planned_ranks=planned,
-                startup_timeout=settings["cluster"]["startup-timeout"],
-                deadline=deadline,
-                progress=progress,
-                gang_mode=gang_mode,
+                source,
+                survey,
+                result_settings,
+                manifest,
+                ranks=planned,
+                chunk_size=limits["chunk-size"],
+                prefix_locality=limits["prefix-locality"],
             )
-    except BaseException:
-        # Stopped midway (Ctrl-C, SIGTERM, a failure): as its workers go, the scheduler still
-        # reports their tasks to the closing client and logs each refused message with a
-        # traceback, as asyncio does for its broadcasts. The user is told what stopped the run.
-        with silenced("distributed", "tornado", "asyncio"):
-            shut_down(client, cluster)
-        raise
-    shut_down(client, cluster)
-    summary = summarize(records, earlier, output, layout, source, model, settings, started)
-    io.write_summary(summary, output)
-    check_finished(summary, limits["max-error-rate"])
-    return summary
+            todo = [chunk for chunk in range(layout.chunks) if chunk not in earlier]
+            request = GenerationRequest(
+                sampling=settings["sampling"],
+                prompt_column=settings["input"]["prompt-column"],
+                messages_column=settings["input"]["messages-column"],
+                id_column=settings["input"]["id-column"],
+                run_id=uuid.uuid4().hex,
+                chunk_rows=layout.chunk_rows,
+                chunk_timeout=limits["chunk-timeout"],
+                retries=int(limits["retries"]),
+                progress_interval=limits["progress-interval"],
+            )
+            records = record_meta()
+            if todo:
+                plan = Plan(prompts, survey, layout, todo, limits["partitioning"])
+                deadline = started + limits["timeout"] if limits["timeout"] else None
+                records = generate(
+                    client,
+                    plan,
+                    EnginePlugin(model, engine_args),
+                    request,
+                    output,
+                    planned_ranks=planned,
+                    startup_timeout=settings["cluster"]["startup-timeout"],
+                    deadline=deadline,
+                    progress=progress,
+                    gang_mode=gang_mode,
+                )
+        except BaseException:
+            # Stopped midway (Ctrl-C, SIGTERM, a failure): as its workers go, the scheduler still
+            # reports their tasks to the closing client and logs each refused message with a
+            # traceback, as asyncio does for its broadcasts. The user is told what stopped the run.
+            with silenced("distributed", "tornado", "asyncio"):
+                shut_down(client, cluster)
+            raise
+        shut_down(client, cluster)
+        summary = summarize(records, earlier, output, layout, source, model, settings, started)
+        io.write_summary(summary, output)
+        check_finished(summary, limits["max-error-rate"])
+        return summary
 
 
 def shut_down(client: Client, cluster: SpecCluster | None) -> None:
