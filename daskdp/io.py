@@ -234,7 +234,22 @@ def read_prompts(source: str, input_config: dict[str, Any]) -> Prompts:
     except Exception as e:
         raise UserError(unreadable(source, fmt, e)) from None
     check_columns(df._meta, source, input_config)
+    if len(matches) == 1 and fmt == "parquet" and not fs.isdir(matches[0]):
+        check_rows(fs, matches[0], source)
     return Prompts(df, source, fmt, input_config)
+
+
+def check_rows(fs, path: str, source: str) -> None:
+    """Refuse a Parquet file whose footer counts no rows, before a cluster starts for it.
+
+    The survey refuses any input without rows; this only answers sooner, from one footer.
+    """
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        rows = pq.ParquetFile(f).metadata.num_rows
+    if not rows:
+        raise UserError(f"{source} has no rows; there is nothing to generate")
 
 
 def _read(source: str, fmt: str, input_config: dict[str, Any]) -> dd.DataFrame:
