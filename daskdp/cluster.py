@@ -27,7 +27,7 @@ from typing import Any
 
 import dask.config
 from dask.utils import parse_timedelta
-from distributed import Client, LocalCluster, SpecCluster
+from distributed import Client, LocalCluster, Nanny, SpecCluster
 from distributed.comm import CommClosedError
 from distributed.comm.addressing import parse_address
 from distributed.proctitle import enable_proctitle_on_children
@@ -226,6 +226,19 @@ def _environment(variables: dict[str, str]):
                 os.environ[key] = value
 
 
+class ForkedNanny(Nanny):
+    """A nanny whose worker is forked from the forkserver, when it starts and when it restarts.
+
+    Dask reads the start method from its configuration each time a nanny starts its worker: a
+    worker restarted after it died (killed, out of memory) would otherwise be spawned, and
+    import vLLM again before its engine could load.
+    """
+
+    async def instantiate(self):
+        with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+            return await super().instantiate()
+
+
 class RankedLocalCluster(LocalCluster):
     """A ``LocalCluster`` of one worker process per rank, each pinned to its own devices.
 
@@ -253,7 +266,7 @@ class RankedLocalCluster(LocalCluster):
         self.forked = not visible_gpus()
         if self.forked:
             start_forkserver()
-            config["distributed.worker.multiprocessing-method"] = "forkserver"
+            kwargs.setdefault("worker_class", ForkedNanny)
         # vLLM spawns its tensor-parallel workers: a worker process must be able to have children.
         try:
             with dask.config.set(config):

@@ -89,7 +89,8 @@ def assert_greedy_texts(results: pd.DataFrame, ids: list[str]) -> None:
 
 def test_a_killed_worker_loses_nothing_and_redoes_no_finished_chunk(tmp_path):
     """SIGKILL a rank's worker process (found by pid) mid-generation: its partition reruns on a
-    live worker, skips the chunks already written, and every row is there exactly once."""
+    live worker, skips the chunks already written, and every row is there exactly once. The
+    worker's nanny restarts it forked from the forkserver, as it started."""
     source = staggered_prompts(tmp_path / "prompts.parquet")
     output = tmp_path / "out"
     process = start_run(source, "-o", output, "--workers", 2, "--chunk-size", 20, "--quiet")
@@ -100,7 +101,15 @@ def test_a_killed_worker_loses_nothing_and_redoes_no_finished_chunk(tmp_path):
     (target,) = [
         p for p in workers if any(c.laddr.port == port and c.status == "LISTEN" for c in p.net_connections())
     ]
+    forkserver, known = target.ppid(), {p.pid for p in family(process)}
     target.kill()
+    deadline = time.monotonic() + 60
+    while not (
+        new := [p for p in family(process) if p.pid not in known and "dask worker" in command_line(p)]
+    ):
+        assert process.poll() is None and time.monotonic() < deadline, "the killed worker was not restarted"
+        time.sleep(0.1)
+    assert new[0].ppid() == forkserver, f"restarted by {command_line(psutil.Process(new[0].ppid()))}"
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
 
