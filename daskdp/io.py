@@ -419,8 +419,9 @@ def output_lock(output: str) -> Iterator[None]:
 
     Two runs writing one directory would overwrite each other's chunks and manifest. The lock
     is a file in the temporary directory named after the output's URL, held with ``filelock``:
-    the system releases it when its process ends, killed or not. Runs on other hosts writing
-    to one shared directory are not seen.
+    the system releases it when its process ends, killed or not (a killed run leaves the empty
+    file, which the next run takes). Runs on other hosts writing one shared directory are not
+    seen.
     """
     import filelock
     import fsspec
@@ -438,6 +439,8 @@ def output_lock(output: str) -> Iterator[None]:
     try:
         yield
     finally:
+        with contextlib.suppress(FileNotFoundError):  # nothing left behind; removed while still held
+            os.unlink(lock.lock_file)
         lock.release()
 
 
