@@ -226,6 +226,35 @@ def _environment(variables: dict[str, str]):
                 os.environ[key] = value
 
 
+START_METHOD = "distributed.worker.multiprocessing-method"
+# ForkedNanny instances starting their worker now, and Dask's start method before the first.
+_forking = 0
+_start_method_before: str | None = None
+_forking_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _forking_workers() -> Iterator[None]:
+    """Dask's start method is ``forkserver`` while any `ForkedNanny` starts its worker.
+
+    Nannies start at the same time and finish in any order; nested ``dask.config.set`` blocks
+    exited out of order would restore each other's value and leave ``forkserver`` set.
+    """
+    global _forking, _start_method_before
+    with _forking_lock:
+        if _forking == 0:
+            _start_method_before = dask.config.get(START_METHOD)
+            dask.config.set({START_METHOD: "forkserver"})
+        _forking += 1
+    try:
+        yield
+    finally:
+        with _forking_lock:
+            _forking -= 1
+            if _forking == 0:
+                dask.config.set({START_METHOD: _start_method_before})
+
+
 class ForkedNanny(Nanny):
     """A nanny whose worker is forked from the forkserver, when it starts and when it restarts.
 
@@ -235,7 +264,7 @@ class ForkedNanny(Nanny):
     """
 
     async def instantiate(self):
-        with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        with _forking_workers():
             return await super().instantiate()
 
 

@@ -82,8 +82,9 @@ def test_ranks_run_nothing_of_dask_beside_the_engine(cluster):
         )
     )
     assert list(settings.values()) == [[*RANK_DASK_CONFIG.values(), True]] * 2
-    # this process keeps Dask's defaults
+    # this process keeps Dask's defaults, its workers' start method among them
     assert all(dask.config.get(key) != value for key, value in RANK_DASK_CONFIG.items())
+    assert dask.config.get("distributed.worker.multiprocessing-method") == "spawn"
 
 
 @pytest.mark.gpu
