@@ -224,7 +224,8 @@ def read_prompts(source: str, input_config: dict[str, Any]) -> Prompts:
     matches = fs.glob(path) if fsspec.core.has_magic(path) else ([path] if fs.exists(path) else [])
     if not matches:
         raise UserError(f"input {source} does not exist; check the path")
-    fmt = input_format(source, len(matches) == 1 and fs.isdir(matches[0]))
+    is_dir = len(matches) == 1 and fs.isdir(matches[0])
+    fmt = input_format(source, is_dir)
     try:
         # Dask's string conversion would turn chat messages (lists of dicts) into their repr.
         with dask.config.set({"dataframe.convert-string": False}):
@@ -234,7 +235,7 @@ def read_prompts(source: str, input_config: dict[str, Any]) -> Prompts:
     except Exception as e:
         raise UserError(unreadable(source, fmt, e)) from None
     check_columns(df._meta, source, input_config)
-    if len(matches) == 1 and fmt == "parquet" and not fs.isdir(matches[0]):
+    if len(matches) == 1 and fmt == "parquet" and not is_dir:
         check_rows(fs, matches[0], source)
     return Prompts(df, source, fmt, input_config)
 
