@@ -154,7 +154,7 @@ def start_forkserver() -> None:
     }
     if pre_spawn.get("PYTHONHASHSEED") in (None, "0"):
         pre_spawn["PYTHONHASHSEED"] = "6640"  # as the nanny does, for consistent hashing
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["daskdp.preload"])
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["daskdp.forkserver"])
     # As a nanny does for the workers it starts: they show as `dask worker [...]` in ps and top.
     enable_proctitle_on_children()
     with _environment({**pre_spawn, **_quiet(), **CPU_RANK_THREADS}), _sigint_ignored():

@@ -1,4 +1,4 @@
-"""Imported by the forkserver that starts the ranks of a host without GPUs (`daskdp.cluster`):
+"""Imported by the forkserver that starts the ranks of a host without GPUs (`daskdp.forkserver`):
 every rank forked from it starts with vLLM and the modules of its tasks already imported."""
 
 import atexit
