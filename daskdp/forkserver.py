@@ -2,12 +2,12 @@
 one module deeper than the forkserver would import it.
 
 CPython unmaps a 16 KiB chunk of its frame stack each time a call returns across the chunk's
-start, and maps it again at the next call (python/cpython#142183; fixed in the 3.13 and 3.14
-releases of March 2026, not in 3.11 or 3.12). The depth of the stack decides which loop meets
-that boundary: imported by the forkserver directly, a loop of vLLM's import did, with twice the
-page faults (335,000 against 170,000) and 2 s more of a core (10.5 s against 8.9 s), on the
-path to every rank's start. From here none does. When Python, vLLM or transformers change,
-compare the forkserver's minor faults (``/proc/PID/stat``) both ways.
+start, and maps it again at the next call (python/cpython#142183; fixed on the 3.13 and 3.14
+branches in March 2026, not in 3.11 or 3.12). The depth of the stack decides which loop meets
+that boundary. Imported by the forkserver directly, a loop of vLLM's import did: 335,000 page
+faults and 10.5 s of a core, on the path to every rank's start; from here 170,000 and 8.9 s, as
+at most depths tried. When Python, vLLM or transformers change, compare the forkserver's minor
+faults (``/proc/PID/stat``) both ways.
 """
 
 import daskdp.preload  # noqa: F401
