@@ -54,7 +54,7 @@ def make_prompts(rows: int) -> pd.DataFrame:
 def settings(max_tokens: int, config_file: str | os.PathLike | None = None) -> tuple[str, dict, dict]:
     """Model, engine arguments and sampling settings as ``daskdp run --max-tokens N --ignore-eos`` resolves them here."""
     from daskdp import config
-    from daskdp.cluster import visible_gpus
+    from daskdp.clusters.ranks import visible_gpus
 
     resolved = config.load(
         config_file, overrides={"sampling.max-tokens": max_tokens, "sampling.ignore-eos": True}
@@ -73,7 +73,7 @@ def nanny_environment() -> dict[str, str]:
     ``distributed.nanny.environ``. These must be in a process's environment when it starts, so a
     baseline gets them from its parent. Not ``MALLOC_TRIM_THRESHOLD_``: a baseline runs with
     glibc's defaults, as its users run it; a daskdp rank has the nanny's value and undoes its
-    cost to generation (`daskdp.plugin.keep_buffers_on_heap`).
+    cost to generation (`daskdp.engine.engine.keep_buffers_on_heap`).
     """
     import dask.config
 
@@ -94,14 +94,13 @@ def nanny_environment() -> dict[str, str]:
 def rank_variables(rank: int, ranks: int) -> dict[str, str]:
     """What a daskdp rank sets in its own process before importing vLLM, rank ``rank`` of ``ranks``.
 
-    ``daskdp.cluster.rank_environments(ranks, 1)[rank]`` (one compute thread,
+    ``daskdp.clusters.ranks.rank_environments(ranks, 1)[rank]`` (one compute thread,
     ``OMP_NUM_THREADS=1`` and ``MKL_NUM_THREADS=1``, on the rank's own cores
     ``VLLM_CPU_OMP_THREADS_BIND``; vLLM's logging at ERROR), then what the engine plugin sets
     before ``LLM(...)``: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the ``VLLM_DP_*`` variables of
     an independent rank (rank 0 of size 1: dense models refuse a data-parallel group).
     """
-    from daskdp.cluster import rank_environments
-    from daskdp.plugin import DataParallelEnv
+    from daskdp.clusters.ranks import DataParallelEnv, rank_environments
 
     return {
         **rank_environments(ranks, 1)[rank],

@@ -28,8 +28,8 @@ by a nanny) has when it builds its engine, on top of this process's environment:
   ``OPENBLAS_NUM_THREADS=1``, each unless already set in the environment) and
   ``PYTHONHASHSEED=6640``, which the nanny puts in the worker's environment before spawning it,
   but not its ``MALLOC_TRIM_THRESHOLD_=65536``: the baseline keeps glibc's defaults, as a user
-  runs it (a daskdp rank undoes that setting's cost, `daskdp.plugin.keep_buffers_on_heap`);
-* then ``daskdp.cluster.rank_environments(1, 1)[0]``, which the worker applies to ``os.environ``
+  runs it (a daskdp rank undoes that setting's cost, `daskdp.engine.engine.keep_buffers_on_heap`);
+* then ``daskdp.clusters.ranks.rank_environments(1, 1)[0]``, which the worker applies to ``os.environ``
   first thing in the new process, before torch is imported: one compute thread
   (``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``) on the rank's cores
   (``VLLM_CPU_OMP_THREADS_BIND=0,1`` for the single rank of this 2-core host);

@@ -18,8 +18,8 @@ __all__ = [
 ]
 
 _LOCATIONS = {
-    "EnginePlugin": "daskdp.plugin",
-    "RankedLocalCluster": "daskdp.cluster",
+    "EnginePlugin": "daskdp.engine.plugin",
+    "RankedLocalCluster": "daskdp.clusters.local",
     "generate": "daskdp.api",
     "read_manifest": "daskdp.api",
     "read_results": "daskdp.api",
@@ -29,8 +29,8 @@ _LOCATIONS = {
 
 if TYPE_CHECKING:
     from daskdp.api import generate, read_manifest, read_results, read_summary
-    from daskdp.cluster import RankedLocalCluster
-    from daskdp.plugin import EnginePlugin
+    from daskdp.clusters.local import RankedLocalCluster
+    from daskdp.engine.plugin import EnginePlugin
     from daskdp.runner import run
 
 

@@ -1,24 +1,21 @@
-"""The lazy Python API for notebooks and scripts."""
+"""The lazy Python API for notebooks and scripts: `generate`, and the readers of a run's output."""
 
 from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING, Any
 
-from daskdp import config, io
-from daskdp.checkpoint import MANIFEST_FILE
-from daskdp.cluster import visible_gpus
+from daskdp import config
+from daskdp.clusters.ranks import visible_gpus
 from daskdp.errors import UserError
-from daskdp.generation import GenerationRequest, generate_partition, result_meta
-from daskdp.plugin import EnginePlugin, ensure_engines
+from daskdp.output.read import read_manifest, read_results, read_summary
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
     import pandas as pd
     from distributed import Client
-    from fsspec import AbstractFileSystem
 
-CHUNK_FILES = "part-*.parquet"  # the names checkpoint.CHUNK_FILE gives
+__all__ = ["generate", "read_manifest", "read_results", "read_summary"]
 
 
 def generate(
@@ -77,7 +74,13 @@ def generate(
             ) from None
 
     model_path, engine_args = config.engine_arguments(settings, gpu_host=bool(visible_gpus()))
-    from daskdp import gang
+    from daskdp.engine.loop import generate_partition
+    from daskdp.engine.plugin import EnginePlugin
+    from daskdp.engine.requests import GenerationRequest
+    from daskdp.inputs.read import check_columns, read_prompts
+    from daskdp.output.schema import result_meta
+    from daskdp.strategies import gang
+    from daskdp.strategies.engines import ensure_engines
 
     if gang.resolve(settings["parallel"], model_path, engine_args) is not None:
         raise UserError(
@@ -90,12 +93,12 @@ def generate(
     )
 
     if isinstance(prompts, (str, os.PathLike)):
-        frame = io.read_prompts(os.fspath(prompts), input_settings).frame
+        frame = read_prompts(os.fspath(prompts), input_settings).frame
     elif isinstance(prompts, pd.DataFrame):
-        io.check_columns(prompts, "the DataFrame", input_settings)
+        check_columns(prompts, "the DataFrame", input_settings)
         frame = dd.from_pandas(prompts, npartitions=1, sort=False)
     else:
-        io.check_columns(prompts._meta, "the DataFrame", input_settings)
+        check_columns(prompts._meta, "the DataFrame", input_settings)
         frame = prompts
     id_column = input_settings["id-column"]
     if id_column not in frame.columns:
@@ -103,77 +106,5 @@ def generate(
         frame = frame.assign(**{id_column: positions})
     if not isinstance(prompts, dd.DataFrame):  # a Dask DataFrame keeps the partitions it was given
         frame = frame.repartition(npartitions=len(ranks))
-    request = GenerationRequest(
-        sampling=settings["sampling"],
-        prompt_column=input_settings["prompt-column"],
-        messages_column=input_settings["messages-column"],
-        id_column=id_column,
-        chunk_rows=int(settings["run"]["chunk-size"]),
-        chunk_timeout=settings["run"]["chunk-timeout"],
-        progress_interval=settings["run"]["progress-interval"],
-    )
+    request = GenerationRequest.from_settings(settings)
     return frame.map_partitions(generate_partition, request, meta=result_meta(frame._meta))
-
-
-def read_results(path: str | os.PathLike) -> dd.DataFrame:
-    """The results of ``daskdp run`` in ``path``, as a Dask DataFrame, one partition per chunk.
-
-    Only the chunk files (``part-*.parquet``, in chunk order) are read: not the records in
-    ``_chunks/``, nor the hidden files of writes in progress, so the finished chunks of a run
-    that is still going (or stopped) can be read too.
-
-    The run's metadata is not attached to the frame: a Dask DataFrame has no ``attrs``, and
-    setting them on its ``_meta`` would be shared by every frame read from the same files and
-    lost on ``compute``. Read it beside the results with :func:`read_manifest` (input and
-    settings) and :func:`read_summary` (timings and totals).
-
-    Raises
-    ------
-    FileNotFoundError
-        ``path`` holds no chunk file.
-
-    Examples
-    --------
-    >>> results = daskdp.read_results("prompts.out")  # doctest: +SKIP
-    >>> results[results.error.notnull()].compute()  # doctest: +SKIP
-    >>> daskdp.read_manifest("prompts.out")["settings"]["sampling"]  # doctest: +SKIP
-    """
-    import dask.dataframe as dd
-
-    fs, files = chunk_files(path)
-    if not files:
-        raise FileNotFoundError(f"no results in {os.fspath(path)}: it holds no {CHUNK_FILES} file")
-    return dd.read_parquet(files, filesystem=fs)
-
-
-def chunk_files(path: str | os.PathLike) -> tuple[AbstractFileSystem, list[str]]:
-    """The filesystem of ``path`` and its finished chunk files, in chunk order."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(os.fspath(path))
-    return fs, sorted(fs.glob(f"{root.rstrip('/')}/{CHUNK_FILES}"))
-
-
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The run's manifest (``_manifest.json``): input, chunk layout and the settings behind the results.
-
-    Examples
-    --------
-    >>> manifest = daskdp.read_manifest("prompts.out")  # doctest: +SKIP
-    >>> manifest["rows"], manifest["chunk_rows"], manifest["settings"]["model"]  # doctest: +SKIP
-    """
-    return _read_json(path, MANIFEST_FILE)
-
-
-def read_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """The run's summary (``_summary.json``): configuration, timings, totals, chunks and ranks."""
-    return _read_json(path, io.SUMMARY_FILE)
-
-
-def _read_json(path: str | os.PathLike, name: str) -> dict[str, Any]:
-    import json
-
-    import fsspec
-
-    with fsspec.open(f"{os.fspath(path).rstrip('/')}/{name}") as f:
-        return json.load(f)

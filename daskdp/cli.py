@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     filters = [os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"]
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, filters))
     from daskdp import config
-    from daskdp.cluster import forkserver_for
+    from daskdp.clusters.forkserver import forkserver_for
 
     # A worker process that takes a few seconds to exit is killed at shutdown; that is no news.
     logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # Local ranks on a host without GPUs fork from a process that imports vLLM: it starts
-        # now, while the run's own modules import and its input is checked (1.4 s sooner).
+        # now, while the run's own modules import and its input is checked.
         with forkserver_for(config.load(args.config, overrides(args))["cluster"]):
             from daskdp.runner import run
 
@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def finish(summary: dict) -> None:
     """Print the summary table and write the report."""
+    from daskdp.output.summary import format_summary
     from daskdp.report import write_report
-    from daskdp.runner import format_summary
 
     print(format_summary(summary))
     try:
@@ -255,8 +255,9 @@ def _terminate(signum, frame) -> None:
 
 def report(results: str) -> int:
     """``daskdp report OUT``: print the summary table, write the HTML report, print its path."""
-    from daskdp.api import read_summary
-    from daskdp.report import format_table, summary_table, write_report
+    from daskdp.output.read import read_summary
+    from daskdp.output.summary import format_table, summary_table
+    from daskdp.report import write_report
 
     try:
         path = write_report(results)

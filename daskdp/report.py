@@ -18,9 +18,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from daskdp import io
 from daskdp.errors import UserError
-from daskdp.generation import RESULT_DTYPES, result_meta
+from daskdp.output.read import chunk_files, read_summary
+from daskdp.output.schema import REPORT_FILE, RESULT_DTYPES, SUMMARY_FILE, result_meta
+from daskdp.output.summary import as_text, format_table, rank_totals, summary_chunks, summary_table
+
+__all__ = [
+    "error_table",
+    "finish_reasons_figure",
+    "format_table",
+    "lengths_figure",
+    "load",
+    "sample_table",
+    "summary_table",
+    "throughput_figure",
+    "timeline_figure",
+    "write_report",
+]
 
 if TYPE_CHECKING:
     import pyarrow.compute
@@ -29,7 +43,6 @@ if TYPE_CHECKING:
 
 # What the figures and the error table need: no prompts or generated text, so a large run fits in memory.
 ANALYSIS_COLUMNS = ["id", "rank", "prompt_tokens", "output_tokens", "finish_reason", "error", "finished_at"]
-CHUNK_COLUMNS = ["chunk", "rank", "worker", "rows", "error_rows", "output_tokens", "started", "finished"]
 MAX_TIMELINE_POINTS = 100_000
 MAX_REPORT_ROWS = 100_000  # the figures of larger runs read a sample of chunks: memory stays flat
 MAX_LABELLED_CHUNKS = 40
@@ -64,13 +77,11 @@ def _load(
     path: str | os.PathLike, columns: list[str] | None, max_rows: int | None
 ) -> tuple[pd.DataFrame, dict[str, Any], AbstractFileSystem, list[str]]:
     """`load`, and the filesystem and every chunk file of ``path``, for reading more of them."""
-    from daskdp.api import chunk_files, read_summary
-
     try:
         summary = read_summary(path)
     except (FileNotFoundError, NotADirectoryError):
         raise UserError(
-            f"{os.fspath(path)} is not the output of a finished daskdp run (no {io.SUMMARY_FILE}); "
+            f"{os.fspath(path)} is not the output of a finished daskdp run (no {SUMMARY_FILE}); "
             "give the -o/--output directory of `daskdp run`"
         ) from None
     fs, files = chunk_files(path)
@@ -102,47 +113,6 @@ def _read_chunks(
     return pd.read_parquet(files, columns=columns, filters=filters, filesystem=fs).reset_index(drop=True)
 
 
-def summary_table(summary: dict[str, Any]) -> pd.DataFrame:
-    """The run's totals and each rank's share, one row each.
-
-    The run's ``rows`` are the input's: ``generated`` by this invocation, ``skipped`` because
-    the earlier run it resumed had finished them, or ``timed out``; its ``error rows`` are
-    the whole output's. Its ``seconds`` are its wall time (cluster start and engine loading
-    included); a rank's are its busy time, while it had a chunk to generate or write.
-    """
-    per_rank = _per_rank(summary)
-    run = {
-        "rows": summary["rows"],
-        "generated": summary["rows_generated"],
-        "skipped": summary["rows_skipped"],
-        "timed out": summary["timed_out_rows"],
-        "error rows": summary["error_rows"],
-        "chunks": len(summary["chunks"]),
-        "prompt tokens": summary["prompt_tokens"],
-        "output tokens": summary["output_tokens"],
-        "seconds": summary["wall_seconds"],
-        "output tok/s": summary["output_tokens_per_second"],
-    }
-    ranks = pd.DataFrame(
-        {
-            "generated": per_rank["rows"],
-            "error rows": per_rank["error_rows"],
-            "chunks": per_rank["chunks"],
-            "output tokens": per_rank["output_tokens"],
-            "seconds": per_rank["busy_seconds"],
-            "output tok/s": per_rank["tokens_per_second"],
-        }
-    ).set_axis([f"rank {rank} (busy)" for rank in per_rank.index])
-    table = pd.concat([pd.DataFrame([run], index=["run (wall)"]), ranks])
-    counts = [column for column in run if column not in ("seconds", "output tok/s")]
-    return table.astype(dict.fromkeys(counts, "Int64")).round({"seconds": 1, "output tok/s": 1})
-
-
-def format_table(table: pd.DataFrame) -> str:
-    """``table`` as aligned text, as ``daskdp report`` prints it."""
-    return _as_text(table).to_string()
-
-
 def timeline_figure(results: pd.DataFrame, summary: dict[str, Any]) -> Figure:
     """Which chunk ran when on which rank, with each row's finish time as a point.
 
@@ -152,7 +122,7 @@ def timeline_figure(results: pd.DataFrame, summary: dict[str, Any]) -> Figure:
     stragglers as bars that end late. Chunks are numbered when there are at most 40; rows an
     earlier run finished have no point, and above 100,000 points a random sample is drawn.
     """
-    chunks = _chunks(summary)
+    chunks = summary_chunks(summary)
     if chunks.empty:
         return _message_figure("Chunks on ranks", _nothing_generated(summary))
     ranks = sorted(chunks["rank"].unique())
@@ -213,7 +183,7 @@ def timeline_figure(results: pd.DataFrame, summary: dict[str, Any]) -> Figure:
 
 def throughput_figure(summary: dict[str, Any]) -> Figure:
     """Output tokens per second of busy time, per rank, from the chunks it generated."""
-    per_rank = _per_rank(summary)
+    per_rank = rank_totals(summary)
     if per_rank.empty:
         return _message_figure("Output tokens per second per rank", _nothing_generated(summary))
     fig = _figure(max(4.5, 1.5 + 0.6 * len(per_rank)), 3.5, left=1.1)
@@ -329,7 +299,7 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
             }
         ),
         "<h2>Summary</h2>",
-        _as_text(summary_table(summary)).to_html(),
+        as_text(summary_table(summary)).to_html(),
         f"<p>The figures below read {len(results):,} of the {summary['rows_done']:,} rows: whole chunks "
         "evenly spaced through the output.</p>"
         if sampled
@@ -341,42 +311,10 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
         samples,
     ]
     page = _PAGE.format(title=html.escape(f"daskdp report: {summary['output']}"), body="\n".join(sections))
-    target = f"{os.fspath(path).rstrip('/')}/{io.REPORT_FILE}"
+    target = f"{os.fspath(path).rstrip('/')}/{REPORT_FILE}"
     with fsspec.open(target, "w", encoding="utf-8") as f:
         f.write(page)
     return target
-
-
-def _chunks(summary: dict[str, Any]) -> pd.DataFrame:
-    """The chunks this invocation generated, one row each."""
-    return pd.DataFrame(summary["chunks"], columns=CHUNK_COLUMNS).astype(
-        {
-            "rank": int,
-            "rows": int,
-            "error_rows": int,
-            "output_tokens": int,
-            "started": float,
-            "finished": float,
-        }
-    )
-
-
-def _per_rank(summary: dict[str, Any]) -> pd.DataFrame:
-    """Rows, chunks, error rows, output tokens, busy seconds and output tokens/s by rank."""
-    per_rank = (
-        _chunks(summary)
-        .groupby("rank")
-        .agg(
-            rows=("rows", "sum"),
-            chunks=("chunk", "size"),
-            error_rows=("error_rows", "sum"),
-            output_tokens=("output_tokens", "sum"),
-        )
-    )
-    busy = {int(rank): stats["busy_seconds"] for rank, stats in summary["ranks"].items()}
-    per_rank["busy_seconds"] = per_rank.index.map(busy).astype(float)
-    rate = per_rank["output_tokens"] / per_rank["busy_seconds"].where(per_rank["busy_seconds"] > 0)
-    return per_rank.assign(tokens_per_second=rate.fillna(0.0))
 
 
 def _lanes(chunks: pd.DataFrame) -> np.ndarray:
@@ -434,17 +372,6 @@ def _figure(width: float, height: float, *, left: float = 0.8, bottom: float = 0
 def _numbers(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """``columns`` of ``frame`` as float64, nulls as NaN, for matplotlib."""
     return pd.DataFrame({c: frame[c].to_numpy(dtype="float64", na_value=np.nan) for c in columns})
-
-
-def _as_text(table: pd.DataFrame) -> pd.DataFrame:
-    """Numbers as text: thousands separated, floats to one decimal, nothing where missing."""
-
-    def cell(value: Any) -> str:
-        if pd.isna(value):
-            return ""
-        return f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
-
-    return table.astype(object).map(cell)
 
 
 def _png(figure: Figure) -> str:

@@ -1,43 +1,38 @@
-"""``daskdp run``: checkpointed output, futures watched with timeouts, progress, the summary."""
+"""``daskdp run``: the run from input to summary, each step handed to its own module.
+
+config -> inputs (read, survey) -> output directory (lock, checks, manifest) -> plan -> clusters
+-> strategies (engines, the chunk loop on the workers, the monitor) -> output summary.
+"""
 
 from __future__ import annotations
 
-import collections
-import itertools
 import logging
-import math
 import os
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
-import dask
-import numpy as np
-import pandas as pd
-
-from daskdp import checkpoint, config, io
-from daskdp.cluster import GPU, connect, silenced, visible_gpus
-from daskdp.errors import RunError, UserError
-from daskdp.generation import (
-    GIVEN_AWAY,
-    PROGRESS_TOPIC,
-    GenerationRequest,
-    generate_and_write,
-    give_away,
-    queued_rows,
-    record_meta,
-)
-from daskdp.plugin import EnginePlugin, ensure_engines
+from daskdp import config
+from daskdp.clusters import connect
+from daskdp.clusters.ranks import cluster_gpu_workers, visible_gpus
+from daskdp.engine.plugin import EnginePlugin
+from daskdp.engine.requests import GenerationRequest
+from daskdp.errors import UserError
+from daskdp.inputs.read import read_prompts
+from daskdp.logs import silenced
+from daskdp.output import manifest as manifests
+from daskdp.output.chunks import verified_records
+from daskdp.output.directory import check_output, clear_output, default_output, has_results, output_lock
+from daskdp.output.schema import record_meta
+from daskdp.output.summary import check_finished, summarize, write_summary
+from daskdp.plan import Layout, Plan, chunk_layout
+from daskdp.strategies.independent import Independent
 
 if TYPE_CHECKING:
-    import dask.dataframe as dd
-    from dask.typing import Key
-    from distributed import Client, Future, SpecCluster
+    from distributed import Client, SpecCluster
 
-    from daskdp.gang import GangMode
+    from daskdp.inputs.survey import Survey
+    from daskdp.strategies import Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +86,14 @@ def run(
     settings = config.load(config_file, overrides)
     model, engine_args = config.engine_arguments(settings, gpu_host=bool(visible_gpus()))
     check_model(model)
-    from daskdp import gang  # gang mode (MoE with expert parallelism): daskdp/gang.py
+    from daskdp.strategies import gang  # gang mode (MoE with expert parallelism)
 
     gang_mode = gang.resolve(settings["parallel"], model, engine_args)
-    prompts = io.read_prompts(source, settings["input"])
-    output = output or io.default_output(source)
-    with io.output_lock(output):
-        io.check_output(output, resume, overwrite)
-        result_settings = checkpoint.result_settings(model, engine_args, settings)
+    prompts = read_prompts(source, settings["input"])
+    output = output or default_output(source)
+    with output_lock(output):
+        check_output(output, resume, overwrite)
+        result_settings = manifests.result_settings(model, engine_args, settings)
         manifest = resumable_manifest(output, result_settings) if resume else None
         limits = settings["run"]
         started = time.time()
@@ -110,7 +105,7 @@ def run(
             logger.info("Dask dashboard: %s", client.dashboard_link)
             # A bad input fails here, before any engine loads.
             survey = prompts.survey(int(settings["sampling"]["max-tokens"]))
-            planned = max(1, len(gpu_workers(client)))
+            planned = max(1, len(cluster_gpu_workers(client)))
             layout, earlier = prepare_output(
                 output,
                 source,
@@ -122,32 +117,22 @@ def run(
                 prefix_locality=limits["prefix-locality"],
             )
             todo = [chunk for chunk in range(layout.chunks) if chunk not in earlier]
-            request = GenerationRequest(
-                sampling=settings["sampling"],
-                prompt_column=settings["input"]["prompt-column"],
-                messages_column=settings["input"]["messages-column"],
-                id_column=settings["input"]["id-column"],
-                run_id=uuid.uuid4().hex,
-                chunk_rows=layout.chunk_rows,
-                chunk_timeout=limits["chunk-timeout"],
-                retries=int(limits["retries"]),
-                progress_interval=limits["progress-interval"],
+            request = GenerationRequest.from_settings(
+                settings, run_id=uuid.uuid4().hex, chunk_rows=layout.chunk_rows
             )
             records = record_meta()
             if todo:
                 plan = Plan(prompts, survey, layout, todo, limits["partitioning"])
-                deadline = started + limits["timeout"] if limits["timeout"] else None
-                records = generate(
+                strategy: Strategy = gang_mode or Independent(planned_ranks=planned)
+                records = strategy.run(
                     client,
                     plan,
                     EnginePlugin(model, engine_args),
                     request,
                     output,
-                    planned_ranks=planned,
                     startup_timeout=settings["cluster"]["startup-timeout"],
-                    deadline=deadline,
+                    deadline=started + limits["timeout"] if limits["timeout"] else None,
                     progress=progress,
-                    gang_mode=gang_mode,
                 )
         except BaseException:
             # Stopped midway (Ctrl-C, SIGTERM, a failure): as its workers go, the scheduler still
@@ -158,7 +143,7 @@ def run(
             raise
         shut_down(client, cluster)
         summary = summarize(records, earlier, output, layout, source, model, settings, started)
-        io.write_summary(summary, output)
+        write_summary(summary, output)
         check_finished(summary, limits["max-error-rate"])
         return summary
 
@@ -177,45 +162,45 @@ def resumable_manifest(output: str, settings: dict[str, Any]) -> dict[str, Any] 
     Refused before a cluster starts: results without a manifest, or a run whose settings
     differ from this one's (a changed input is found by the survey, `prepare_output`).
     """
-    manifest = checkpoint.read_manifest(output)
+    manifest = manifests.read_manifest(output)
     if manifest is None:
-        if io.has_results(output):
+        if has_results(output):
             raise UserError(
                 f"output directory {output} has no daskdp manifest to resume from; "
                 "pass --overwrite to replace it, or choose another -o/--output"
             )
         return None
-    refuse_differences(output, checkpoint.differences(manifest, settings))
+    refuse_differences(output, manifests.differences(manifest, settings))
     return manifest
 
 
 def prepare_output(
     output: str,
     source: str,
-    survey: io.Survey,
+    survey: Survey,
     settings: dict[str, Any],
     manifest: dict[str, Any] | None,
     *,
     ranks: int,
     chunk_size: int,
     prefix_locality: bool,
-) -> tuple[checkpoint.Layout, dict[int, dict[str, Any]]]:
+) -> tuple[Layout, dict[int, dict[str, Any]]]:
     """The chunk layout, and the verified records of chunks an earlier run finished.
 
     Without the ``manifest`` of a run to resume, the output is cleared and a fresh manifest
     written; with it, this input must be the one that run read, and its layout is kept.
     """
     if manifest is None:
-        io.clear_output(output)
+        clear_output(output)
         by_prefix = prefix_locality and survey.shares_prefixes()
         _, costs = survey.arrangement(by_prefix)
-        layout = checkpoint.layout(costs, ranks, int(chunk_size), by_prefix)
-        manifest = checkpoint.new_manifest(source, survey.fingerprint, layout, settings)
-        checkpoint.write_manifest(manifest, output)
+        layout = chunk_layout(costs, ranks, int(chunk_size), by_prefix)
+        manifest = manifests.new_manifest(source, survey.fingerprint, layout, settings)
+        manifests.write_manifest(manifest, output)
         return layout, {}
-    refuse_differences(output, checkpoint.input_differs(manifest, survey.fingerprint, survey.rows))
-    layout = checkpoint.Layout(survey.rows, manifest["chunk_rows"], manifest.get("row_order") == "prefix")
-    return layout, checkpoint.verified_records(output, layout)
+    refuse_differences(output, manifests.input_differs(manifest, survey.fingerprint, survey.rows))
+    layout = Layout(survey.rows, manifest["chunk_rows"], manifest.get("row_order") == "prefix")
+    return layout, verified_records(output, layout)
 
 
 def refuse_differences(output: str, differences: list[str]) -> None:
@@ -228,534 +213,7 @@ def refuse_differences(output: str, differences: list[str]) -> None:
         )
 
 
-BALANCED, DYNAMIC = "balanced", "dynamic"
-DYNAMIC_PARTITIONS_PER_RANK = 8
-IN_FLIGHT_PER_RANK = 2  # a rank's next partition waits on its worker, not on the client
-FOLLOW_INTERVAL = 5.0  # seconds between looks for workers that joined or left, or work to share
-
-
-@dataclass
-class Plan:
-    """What is left to generate: the input, its chunks, the chunks not yet done, and how
-    they are spread: ``balanced`` (one partition per rank, of about equal estimated cost) or
-    ``dynamic`` (more, smaller partitions, handed out costliest first as ranks free up)."""
-
-    prompts: io.Prompts
-    survey: io.Survey
-    layout: checkpoint.Layout
-    todo: list[int]
-    mode: str = BALANCED
-
-    def __post_init__(self):
-        if self.mode not in (BALANCED, DYNAMIC):
-            raise UserError(f"--partitioning must be {BALANCED} or {DYNAMIC}, got {self.mode!r}")
-
-    @property
-    def rows(self) -> int:
-        return sum(self.layout.chunk_size(chunk) for chunk in self.todo)
-
-    def partitions(self, ranks: int, id_column: str) -> dd.DataFrame:
-        """The chunks left to do, in partitions of about equal cost, costliest first.
-
-        With the rows put together by prefix, each partition is a run of neighbouring chunks,
-        so that rows sharing a prefix meet on one rank.
-        """
-        parts = ranks if self.mode == BALANCED else ranks * DYNAMIC_PARTITIONS_PER_RANK
-        slots, costs = self.survey.arrangement(self.layout.by_prefix)
-        chunk_costs = io.chunk_costs(costs, self.layout)
-        groups = io.assign(chunk_costs, self.todo, parts, contiguous=self.layout.by_prefix)
-        return io.partition(self.prompts.frame, self.survey.lengths, self.layout, groups, id_column, slots)
-
-
-def generate(
-    client: Client,
-    plan: Plan,
-    plugin: EnginePlugin,
-    request: GenerationRequest,
-    output: str,
-    *,
-    planned_ranks: int,
-    startup_timeout: float,
-    deadline: float | None,
-    progress: TextIO | None,
-    gang_mode: GangMode | None = None,
-) -> pd.DataFrame:
-    """Load the engines while the input is read and split, then generate the plan's chunks.
-
-    Returns the chunk records of every partition.
-    """
-    if gang_mode is not None:  # gang mode: the ranks run as one vLLM group, by daskdp/gang.py
-        from daskdp import gang
-
-        return gang.generate(
-            client, plan, plugin, request, output, mode=gang_mode,
-            startup_timeout=startup_timeout, deadline=deadline, progress=progress,
-        )  # fmt: skip
-    from distributed import wait
-
-    loader = ThreadPoolExecutor(1, thread_name_prefix="daskdp-load")
-    try:
-        loading = loader.submit(ensure_engines, client, plugin, startup_timeout)
-        partitions = client.persist(plan.partitions(planned_ranks, request.id_column))
-        try:
-            ranks = loading.result(timeout=startup_timeout)
-        except TimeoutError:
-            raise RunError(
-                f"the engines did not load within {startup_timeout:g} s; "
-                "raise cluster.startup-timeout for a large model"
-            ) from None
-    finally:
-        loader.shutdown(wait=False)
-    if len(ranks) != planned_ranks:  # workers joined or left while the engines loaded
-        partitions = client.persist(plan.partitions(len(ranks), request.id_column))
-    # Before any rank starts generating: a worker runs one task at a time, and a partition's
-    # input task queued behind another partition's generation would leave its rank waiting.
-    try:
-        wait(partitions, timeout=startup_timeout)
-    except TimeoutError:
-        raise RunError(
-            f"the input was not read and split within {startup_timeout:g} s (cluster.startup-timeout)",
-            resumable=True,
-        ) from None
-    tensor_parallel_size = int(plugin.engine_args.get("tensor_parallel_size", 1))
-    dispatcher = Dispatcher(
-        client, partitions, request, output, ranks, tensor_parallel_size, plan.mode, plugin.fingerprint
-    )
-    monitor = Monitor(client, request.run_id, plan.rows, progress, startup_timeout)
-    return monitor.wait(dispatcher, deadline)
-
-
-def gpu_workers(client: Client) -> list[str]:
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    return [address for address, info in workers.items() if info.get("resources", {}).get(GPU)]
-
-
 def check_model(model: str) -> None:
     """A model given as a local path must exist; hub names are checked by the engine."""
     if model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model)):
         raise UserError(f"model directory {model} does not exist; check --model")
-
-
-class Dispatcher:
-    """Hands the partitions to the ranks as Dask futures; partition ``i`` prefers one rank.
-
-    ``balanced``: every partition at once, partition ``i`` on rank ``i``. ``dynamic``: in
-    order (costliest first), at most ``IN_FLIGHT_PER_RANK`` per rank, each to the rank with
-    the fewest in flight, so a rank that finishes early takes more; a ``GPU`` worker that
-    joins becomes a rank once it holds the run's engine (``fingerprint``), and one that leaves
-    stops being one. Either way a partition may run on another ``GPU`` worker when its own is
-    gone, and once no partition waits, a rank without work (one that finished first, or
-    joined) takes half the unstarted chunks of the task with the most: a slower rank does
-    not hold up the run.
-    """
-
-    def __init__(
-        self,
-        client: Client,
-        partitions: dd.DataFrame,
-        request: GenerationRequest,
-        output: str,
-        ranks: list[str],
-        tensor_parallel_size: int,
-        mode: str,
-        fingerprint: str,
-    ):
-        self.client = client
-        self.parts = partitions.to_delayed()
-        results = partitions.map_partitions(generate_and_write, request, output, meta=record_meta())
-        self.waiting = list(enumerate(results.to_delayed()))
-        self.request = request
-        self.output = output
-        self.ranks = list(ranks)
-        self.resources = {GPU: tensor_parallel_size}
-        self.mode = mode
-        self.fingerprint = fingerprint
-        self.partition: dict[Future, int] = {}
-        self.assigned: dict[Future, str] = {}
-        self.given: dict[Key, list[int]] = {}  # chunks each task gave away
-        self.looked = time.monotonic()
-        self.shared: float | None = None  # when work was last shared; None: look at the next call
-
-    @property
-    def limit(self) -> int:
-        return (
-            len(self.waiting) + len(self.assigned)
-            if self.mode == BALANCED
-            else IN_FLIGHT_PER_RANK * len(self.ranks)
-        )
-
-    def submit(self) -> set[Future]:
-        """Submit partitions until the limit of those in flight is reached, then share out the
-        work of busy ranks with idle ones; the new futures."""
-        self.follow_workers()
-        submitted = set()
-        while self.waiting and len(self.assigned) < self.limit:
-            i, part = self.waiting.pop(0)
-            if self.mode == BALANCED:
-                rank = self.ranks[i % len(self.ranks)]
-            else:
-                load = dict.fromkeys(self.ranks, 0)
-                for busy in self.assigned.values():
-                    load[busy] += 1
-                rank = min(load, key=load.get)
-            submitted.add(self.compute(part, i, rank))
-        if not self.waiting:
-            submitted |= self.share_work()
-        return submitted
-
-    def compute(self, task: Any, partition: int, rank: str) -> Future:
-        future = self.client.compute(task, resources=self.resources, workers=[rank], allow_other_workers=True)
-        self.partition[future], self.assigned[future] = partition, rank
-        return future
-
-    def finished(self, future: Future) -> None:
-        del self.assigned[future]
-        self.shared = None
-
-    def share_work(self) -> set[Future]:
-        """Give each idle rank half the unstarted chunks of the task with the most rows left.
-
-        Looks when a task has finished, else every ``FOLLOW_INTERVAL`` seconds (for ranks that
-        joined). The chunks leave the task's queue on its worker before they are given
-        (`give_away`), and are recorded in its metadata, so that no chunk is generated twice,
-        even when the task is run again after its worker died. The idle rank receives the
-        task's whole partition through Dask and generates the chunks it was given.
-        """
-        idle = [rank for rank in self.ranks if rank not in self.assigned.values()]
-        if not idle or not self.assigned:
-            return set()
-        if self.shared is not None and time.monotonic() - self.shared < FOLLOW_INTERVAL:
-            return set()
-        self.shared = time.monotonic()
-        running = {future.key: future for future in self.assigned}
-        queued = self.client.run(queued_rows, list(running), workers=self.ranks, on_error="return")
-        offers = [
-            (rows, worker, key)
-            for worker, found in queued.items()
-            if isinstance(found, dict)
-            for key, rows in found.items()
-            if rows
-        ]
-        offers.sort(key=lambda offer: offer[0], reverse=True)
-        submitted = set()
-        alive = (rank for rank in idle if isinstance(queued.get(rank), dict))
-        for rank, (_, worker, key) in zip(alive, offers, strict=False):
-            chunks = self.client.run(give_away, key, workers=[worker], on_error="return").get(worker)
-            if not chunks or isinstance(chunks, BaseException):
-                continue
-            self.given[key] = self.given.get(key, []) + chunks
-            self.client.set_metadata([key, GIVEN_AWAY], self.given[key])
-            i = self.partition[running[key]]
-            task = dask.delayed(generate_and_write, pure=False)(
-                self.parts[i], self.request, self.output, partition_info={"number": i}, chunks=chunks
-            )
-            submitted.add(self.compute(task, i, rank))
-        return submitted
-
-    def follow_workers(self) -> None:
-        """Every few seconds: the ranks are the ``GPU`` workers that hold the run's engine."""
-        from daskdp.plugin import engine_status
-
-        if time.monotonic() - self.looked < FOLLOW_INTERVAL:
-            return
-        self.looked = time.monotonic()
-        alive = gpu_workers(self.client)
-        joined = [worker for worker in alive if worker not in self.ranks]
-        held = self.client.run(engine_status, workers=joined, on_error="ignore") if joined else {}
-        ranks = [rank for rank in self.ranks if rank in alive]
-        ranks += [worker for worker, status in held.items() if status and status[0] == self.fingerprint]
-        if ranks and ranks != self.ranks:
-            self.ranks = ranks
-            self.shared = None
-
-
-RATE_WINDOW = 5.0  # seconds over which the ranks' rates are shown
-
-
-class Monitor:
-    """Waits for the partitions' futures, showing progress from the ranks.
-
-    Stops the run at its deadline, when a partition keeps killing its workers, or when no
-    worker with the ``GPU`` resource is left for ``worker_wait`` seconds.
-    """
-
-    def __init__(
-        self,
-        client: Client,
-        run_id: str,
-        total_rows: int,
-        stream: TextIO | None,
-        worker_wait: float,
-    ):
-        self.client = client
-        self.run_id = run_id
-        self.total_rows = total_rows
-        self.stream = stream
-        self.worker_wait = worker_wait
-        self.lock = threading.Lock()
-        self.tasks: dict[str, dict[str, Any]] = {}  # the progress of each task, by its key
-        self.started = time.monotonic()
-        self.last_line = self.started
-        self.workers_seen = self.started
-        self.waiting_for_workers = False
-        self.history: collections.deque = collections.deque([(self.started, {})])
-        self.bar = None
-        if stream is not None and stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_rows, unit="rows", file=stream, dynamic_ncols=True)
-        client.subscribe_topic(PROGRESS_TOPIC, self.on_event)
-
-    def on_event(self, event: tuple[float, dict[str, Any]]) -> None:
-        _, message = event
-        if message.get("run") != self.run_id:
-            return
-        with self.lock:
-            self.tasks.setdefault(message["task"], {}).update(message)
-
-    def wait(self, dispatcher: Dispatcher, deadline: float | None) -> pd.DataFrame:
-        """The chunk records of every partition; raises ``RunError`` when the run cannot finish."""
-        from distributed import wait
-
-        pending = dispatcher.submit()
-        records = [record_meta()]
-        try:
-            while pending:
-                try:
-                    done, pending = wait(pending, timeout=1.0, return_when="FIRST_COMPLETED")
-                except TimeoutError:
-                    done = set()
-                for future in done:
-                    records.append(self.result(future, dispatcher.partition[future]))
-                    dispatcher.finished(future)
-                pending |= dispatcher.submit()
-                if pending:
-                    self.check(pending, dispatcher.partition, deadline)
-                self.show(final=not pending)
-        except BaseException:
-            self.client.cancel(list(pending))
-            raise
-        finally:
-            self.client.unsubscribe_topic(PROGRESS_TOPIC)
-            if self.bar is not None:
-                self.bar.close()
-        return pd.concat(records, ignore_index=True)
-
-    def result(self, future: Future, partition: int) -> pd.DataFrame:
-        from distributed.scheduler import KilledWorker
-
-        if future.status != "error":
-            return future.result()
-        error = future.exception()
-        if isinstance(error, KilledWorker):
-            allowed = dask.config.get("distributed.scheduler.allowed-failures")
-            raise RunError(
-                f"partition {partition} was running on a worker that died {allowed + 1} times "
-                "(out of memory, or killed); raise distributed.scheduler.allowed-failures "
-                "if the workers were lost for another reason",
-                resumable=True,
-            )
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RunError(f"partition {partition} failed: {reason}", resumable=True)
-
-    def check(self, pending: set[Future], futures: dict[Future, int], deadline: float | None) -> None:
-        now = time.monotonic()
-        if gpu_workers(self.client):
-            self.workers_seen = now
-            self.waiting_for_workers = False
-        elif not self.waiting_for_workers:
-            self.waiting_for_workers = True
-            if self.stream is not None:
-                print(
-                    f"no worker with the {GPU} resource; waiting up to {self.worker_wait:g} s",
-                    file=self.stream,
-                )
-        if now - self.workers_seen > self.worker_wait:
-            raise RunError(
-                f"no worker with the {GPU} resource has been left for {self.worker_wait:g} s "
-                "(cluster.startup-timeout)",
-                resumable=True,
-            )
-        if deadline is not None and time.time() > deadline:
-            running: dict[int, set[int]] = collections.defaultdict(set)
-            with self.lock:
-                for state in self.tasks.values():
-                    if not state.get("final"):
-                        running[state["partition"]].add(state["rank"])
-            where = ", ".join(
-                f"partition {i} on rank {', '.join(map(str, sorted(running[i])))}"
-                if running[i]
-                else f"partition {i} (not started)"
-                for i in sorted({futures[f] for f in pending})
-            )
-            raise RunError(
-                f"the run passed its --timeout; unfinished: {where}",
-                resumable=True,
-            )
-
-    def show(self, final: bool = False) -> None:
-        """Rows done, and rows/s and output tokens/s of each rank over the last few seconds."""
-        with self.lock:
-            by_rank: dict[int, np.ndarray] = {}
-            for state in self.tasks.values():
-                counts = np.array([state.get("done", 0), state.get("output_tokens", 0)], dtype=float)
-                by_rank[state["rank"]] = by_rank.get(state["rank"], 0) + counts
-        now = time.monotonic()
-        self.history.append((now, by_rank))
-        while len(self.history) > 2 and now - self.history[1][0] >= RATE_WINDOW:
-            self.history.popleft()
-        then, before = self.history[0]
-        elapsed = max(now - then, 1e-9)
-        rates = {rank: (counts - before.get(rank, 0)) / elapsed for rank, counts in sorted(by_rank.items())}
-        done = min(int(sum(counts[0] for counts in by_rank.values())), self.total_rows)
-        per_rank = "; ".join(
-            f"rank {rank} {rows:,.0f} rows/s {tokens:,.0f} tok/s" for rank, (rows, tokens) in rates.items()
-        )
-        if self.bar is not None:
-            self.bar.n = done
-            self.bar.set_postfix_str(per_rank, refresh=True)
-        elif self.stream is not None and (final or now - self.last_line >= RATE_WINDOW):
-            self.last_line = now
-            total = sum(tokens for _, tokens in rates.values())
-            print(
-                f"{done:,}/{self.total_rows:,} rows, {total:,.0f} output tokens/s"
-                + (f" ({per_rank})" if per_rank else ""),
-                file=self.stream,
-                flush=True,
-            )
-
-
-def summarize(
-    records: pd.DataFrame,
-    earlier: dict[int, dict[str, Any]],
-    output: str,
-    layout: checkpoint.Layout,
-    source: str,
-    model: str,
-    settings: dict[str, Any],
-    started: float,
-) -> dict[str, Any]:
-    """The run's summary: totals over the output, and this run's chunks, ranks and speed."""
-    wall = time.time() - started
-    finished = checkpoint.read_records(output)
-    generated = [record for chunk, record in finished.items() if chunk not in earlier]
-    timed_out = records[records["status"] == checkpoint.TIMED_OUT]
-    output_tokens = sum(record["output_tokens"] for record in generated)
-    return {
-        "input": source,
-        "output": output,
-        "model": model,
-        "sampling": settings["sampling"],
-        "engine": checkpoint.redacted(settings["engine"]),
-        "started": started,
-        "finished": time.time(),
-        "wall_seconds": round(wall, 3),
-        "rows": layout.rows,
-        "rows_done": sum(record["rows"] for record in finished.values()),
-        "rows_generated": sum(record["rows"] for record in generated),
-        "rows_skipped": sum(record["rows"] for record in earlier.values()),
-        "error_rows": sum(record["error_rows"] for record in finished.values()),
-        "timed_out_rows": int(timed_out["timed_out_rows"].sum()),
-        "timed_out_ids": [i for ids in timed_out["timed_out_ids"] for i in ids],
-        "prompt_tokens": sum(record["prompt_tokens"] for record in generated),
-        "output_tokens": output_tokens,
-        "output_tokens_per_second": round(output_tokens / wall, 1) if wall else 0.0,
-        "prefix_cache_hit_rate": hit_rate(generated),
-        "chunk_rows": layout.chunk_rows,
-        "chunks": [
-            {key: record[key] for key in CHUNK_SUMMARY_KEYS}
-            for record in sorted(generated, key=lambda record: record["chunk"])
-        ],
-        "ranks": per_rank(generated),
-    }
-
-
-CHUNK_SUMMARY_KEYS = (
-    "chunk",
-    "partition",
-    "rank",
-    "worker",
-    "rows",
-    "error_rows",
-    "output_tokens",
-    "started",
-    "finished",
-)
-
-
-def per_rank(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Rows and busy seconds by rank; chunks that overlap in time count once."""
-    ranks: dict[int, dict[str, Any]] = {}
-    for rank, chunks in itertools.groupby(
-        sorted(records, key=lambda r: (r["rank"], r["started"])), key=lambda r: r["rank"]
-    ):
-        chunks = list(chunks)
-        busy, end = 0.0, -math.inf
-        for record in chunks:
-            busy += max(0.0, record["finished"] - max(record["started"], end))
-            end = max(end, record["finished"])
-        ranks[int(rank)] = {
-            "rows": sum(r["rows"] for r in chunks),
-            "busy_seconds": round(busy, 3),
-            "output_tokens": sum(r["output_tokens"] for r in chunks),
-            "prefix_cache_hit_rate": hit_rate(chunks),
-        }
-    return ranks
-
-
-def hit_rate(records: list[dict[str, Any]]) -> float | None:
-    """The fraction of prompt tokens found in the engines' prefix caches; None without lookups."""
-    queries = sum(record.get("prefix_cache_queries", 0) for record in records)
-    hits = sum(record.get("prefix_cache_hits", 0) for record in records)
-    return round(hits / queries, 4) if queries else None
-
-
-def check_finished(summary: dict[str, Any], max_error_rate: float | None) -> None:
-    """Fail a run that left timed-out rows or rows without a result, or more error rows than
-    ``max_error_rate`` allows."""
-    if summary["timed_out_rows"]:
-        ids = summary["timed_out_ids"]
-        shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
-        raise RunError(
-            f"{summary['timed_out_rows']} rows timed out after --chunk-timeout and its retries "
-            f"(ids {shown}); raise --chunk-timeout",
-            resumable=True,
-            summary=summary,
-        )
-    if summary["rows_done"] < summary["rows"]:  # never expected: a chunk no rank wrote
-        raise RunError(
-            f"{summary['rows'] - summary['rows_done']:,} of {summary['rows']:,} rows have no result "
-            "(their chunks were not written)",
-            resumable=True,
-            summary=summary,
-        )
-    if max_error_rate is not None and summary["error_rows"] > max_error_rate * summary["rows"]:
-        raise RunError(
-            f"{summary['error_rows']:,} of {summary['rows']:,} rows are errors, more than "
-            f"--max-error-rate {max_error_rate:g} allows; their reasons are in the error column",
-            summary=summary,
-        )
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """The end-of-run table ``daskdp run`` prints."""
-    lines = [
-        f"rows            {summary['rows']:>12,}",
-        f"  generated     {summary['rows_generated']:>12,}",
-        f"  skipped       {summary['rows_skipped']:>12,}   (finished by an earlier run)",
-        f"  timed out     {summary['timed_out_rows']:>12,}",
-        f"error rows      {summary['error_rows']:>12,}",
-        f"prompt tokens   {summary['prompt_tokens']:>12,}",
-        f"output tokens   {summary['output_tokens']:>12,}",
-        f"wall time       {summary['wall_seconds']:>11.1f}s",
-        f"output tok/s    {summary['output_tokens_per_second']:>12,.1f}",
-    ]
-    if summary.get("prefix_cache_hit_rate") is not None:
-        lines.append(
-            f"prefix cache    {summary['prefix_cache_hit_rate']:>12.1%}   (prompt tokens found cached)"
-        )
-    lines.append("rank        rows      busy")
-    for rank, stats in summary["ranks"].items():
-        lines.append(f"{rank:>4} {stats['rows']:>11,} {stats['busy_seconds']:>8.1f}s")
-    lines.append(f"results in {summary['output']}")
-    return "\n".join(lines)

@@ -104,7 +104,7 @@ def cluster():
     """Two ranks on a real LocalCluster, shared by the tests that need a warm one."""
     from distributed import Client
 
-    from daskdp.cluster import RankedLocalCluster
+    from daskdp.clusters.local import RankedLocalCluster
 
     with RankedLocalCluster(ranks=2) as cluster, Client(cluster) as client:
         yield cluster, client

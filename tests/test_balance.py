@@ -9,9 +9,12 @@ import pandas as pd
 import pytest
 
 from conftest import daskdp_cli, read_results
-from daskdp import checkpoint, io, runner
+from daskdp import plan
+from daskdp.engine.loop import ChunkQueue
 from daskdp.errors import RunError
-from daskdp.generation import ChunkQueue
+from daskdp.inputs import survey as surveys
+from daskdp.output import schema
+from daskdp.output.summary import check_finished
 
 LONG, SHORT = 48, 4
 
@@ -47,7 +50,7 @@ def run(source, out, client, *flags) -> pd.DataFrame:
 
 def partitions_of(out) -> dict[str, int]:
     """The partition each row of a finished run's output was planned in, by id."""
-    summary = json.loads((out / io.SUMMARY_FILE).read_text())
+    summary = json.loads((out / schema.SUMMARY_FILE).read_text())
     planned = {chunk["chunk"]: chunk["partition"] for chunk in summary["chunks"]}
     return {
         row_id: planned[int(file.stem.removeprefix("part-"))]
@@ -68,7 +71,7 @@ def test_balanced_ranks_get_equal_work_from_skewed_input(skewed, tmp_path, clust
     work = (results["prompt_tokens"] + results["output_tokens"]).groupby(partitions).sum()
     assert len(work) == 2
     assert work.max() / work.min() < 1.1, work.to_dict()
-    summary = json.loads((out / io.SUMMARY_FILE).read_text())
+    summary = json.loads((out / schema.SUMMARY_FILE).read_text())
     assert {chunk["rank"] for chunk in summary["chunks"]} == {0, 1}
 
 
@@ -92,20 +95,20 @@ def test_costly_rows_make_smaller_chunks():
     """Uniform costs keep --chunk-size chunks; long rows at the end shrink them until no chunk
     holds more than 1/8 of a rank's share, but not below 64 rows."""
     uniform = np.full(20_000, 40)
-    assert checkpoint.layout(uniform, ranks=2, chunk_size=1024).chunk_rows == 1000
+    assert plan.chunk_layout(uniform, ranks=2, chunk_size=1024).chunk_rows == 1000
     skewed = np.concatenate([np.full(18_000, 10), np.full(2_000, 210)])
-    layout = checkpoint.layout(skewed, ranks=2, chunk_size=1024)
+    layout = plan.chunk_layout(skewed, ranks=2, chunk_size=1024)
     chunk_costs = np.add.reduceat(skewed, np.arange(0, len(skewed), layout.chunk_rows))
     assert chunk_costs.max() <= skewed.sum() / 16
     assert 64 <= layout.chunk_rows < 1000
-    assert checkpoint.layout(np.array([1, 1, 1, 1000]), ranks=2, chunk_size=1024).chunk_rows == 2
+    assert plan.chunk_layout(np.array([1, 1, 1, 1000]), ranks=2, chunk_size=1024).chunk_rows == 2
 
 
 def test_chunks_are_spread_costliest_first():
     """Each chunk goes to the cheapest group so far; groups come costliest first, chunks in input order."""
     costs = np.array([1, 1, 1, 1, 9, 4])
-    assert io.assign(costs, list(range(6)), 2) == [[4], [0, 1, 2, 3, 5]]
-    assert io.assign(costs, [0, 1], 4) == [[0], [1]]  # no more groups than chunks
+    assert plan.assign(costs, list(range(6)), 2) == [[4], [0, 1, 2, 3, 5]]
+    assert plan.assign(costs, [0, 1], 4) == [[0], [1]]  # no more groups than chunks
 
 
 def test_row_costs_are_prompt_and_output_tokens():
@@ -116,7 +119,7 @@ def test_row_costs_are_prompt_and_output_tokens():
             "max_tokens": [None, 7, "bad"],
         }
     )
-    assert list(io.row_costs(part, ("prompt", "messages"), 100)) == [110, 12, 102]
+    assert list(surveys.row_costs(part, ("prompt", "messages"), 100)) == [110, 12, 102]
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +146,8 @@ def test_rows_sharing_a_prefix_meet_on_one_rank(shared_prefixes, tmp_path, clust
     out = tmp_path / "out"
     local = run(shared_prefixes, out, client, "--max-tokens", 4)
     plain = run(shared_prefixes, tmp_path / "plain", client, "--max-tokens", 4, "--no-prefix-locality")
-    assert json.loads((out / checkpoint.MANIFEST_FILE).read_text())["row_order"] == "prefix"
-    assert json.loads((tmp_path / "plain" / checkpoint.MANIFEST_FILE).read_text())["row_order"] == "input"
+    assert json.loads((out / schema.MANIFEST_FILE).read_text())["row_order"] == "prefix"
+    assert json.loads((tmp_path / "plain" / schema.MANIFEST_FILE).read_text())["row_order"] == "input"
     assert list(local["id"]) == list(plain["id"]) and local["id"].is_unique and len(local) == 603
     assert list(local["generated_text"].fillna("")) == list(plain["generated_text"].fillna(""))
     assert sorted(local.loc[local["error"].notna(), "id"]) == ["bad0", "bad1", "bad2"]
@@ -155,7 +158,7 @@ def test_rows_sharing_a_prefix_meet_on_one_rank(shared_prefixes, tmp_path, clust
     assert sorted(partitions_per_head) in ([1, 1, 1, 1], [1, 1, 1, 2]), partitions_per_head.to_dict()
     assert sorted(plain_partitions[heads].groupby(plain["head"][heads]).nunique()) == [2, 2, 2, 2]
     local = local[heads]
-    summary = json.loads((out / io.SUMMARY_FILE).read_text())
+    summary = json.loads((out / schema.SUMMARY_FILE).read_text())
     assert summary["prefix_cache_hit_rate"] > 0.5
 
     lost = sorted(out.glob("part-*.parquet"))[1]
@@ -165,17 +168,17 @@ def test_rows_sharing_a_prefix_meet_on_one_rank(shared_prefixes, tmp_path, clust
     resumed = resumed[resumed["head"] >= 0]
     assert list(resumed["id"]) == list(local["id"])
     assert list(resumed["generated_text"]) == list(local["generated_text"])
-    summary = json.loads((out / io.SUMMARY_FILE).read_text())
+    summary = json.loads((out / schema.SUMMARY_FILE).read_text())
     assert summary["rows_generated"] == len(lost_ids) and summary["rows_skipped"] == 603 - len(lost_ids)
 
 
 def test_only_long_shared_prefixes_reorder_rows():
     prompts = pd.DataFrame({"prompt": ["a" * 2000, "b" * 2000, "short", "short"]})
-    prefixed, keys = io.prefix_keys(prompts, ("prompt", "messages"))
+    prefixed, keys = surveys.prefix_keys(prompts, ("prompt", "messages"))
     assert list(prefixed) == [0, 1]  # the short prompts have no long prefix, even equal ones
-    survey = io.Survey([4], "", np.ones(4, dtype=np.float32), prefixed, keys)
+    survey = surveys.Survey([4], "", np.ones(4, dtype=np.float32), prefixed, keys)
     assert not survey.shares_prefixes()
-    grouped = io.Survey(
+    grouped = surveys.Survey(
         [4],
         "",
         np.array([1, 2, 3, 4]),
@@ -204,6 +207,6 @@ def test_a_run_missing_rows_does_not_pass_as_finished():
     resumable, naming how many rows have no result."""
     summary = {"rows": 1000, "rows_done": 900, "timed_out_rows": 0, "error_rows": 0}
     with pytest.raises(RunError, match="100 of 1,000 rows have no result") as raised:
-        runner.check_finished(summary, max_error_rate=None)
+        check_finished(summary, max_error_rate=None)
     assert raised.value.resumable
-    runner.check_finished(summary | {"rows_done": 1000}, max_error_rate=None)
+    check_finished(summary | {"rows_done": 1000}, max_error_rate=None)

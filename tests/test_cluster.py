@@ -11,9 +11,9 @@ import pytest
 from distributed import Client
 
 from conftest import daskdp_cli
-from daskdp.cluster import (
+from daskdp.clusters.local import RankedLocalCluster
+from daskdp.clusters.ranks import (
     RANK_DASK_CONFIG,
-    RankedLocalCluster,
     default_ranks,
     rank_environments,
     visible_gpus,

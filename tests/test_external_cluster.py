@@ -23,7 +23,7 @@ import pytest
 from distributed import Client
 
 from conftest import DASKDP, read_results
-from daskdp.plugin import PLUGIN_NAME, engine_status
+from daskdp.engine.plugin import PLUGIN_NAME, engine_status
 
 DASK = [sys.executable, "-m", "dask"]
 WORKER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
@@ -178,7 +178,7 @@ def join_worker(scheduler: str, sessions: Sessions, client: Client, log: str) ->
     process = sessions.start(
         [
             *DASK, "worker", scheduler, "--no-nanny", "--nthreads", "1", "--resources", "GPU=1",
-            "--preload", "daskdp.plugin", "--host", "127.0.0.1", "--no-dashboard", "--death-timeout", "30",
+            "--preload", "daskdp.engine.plugin", "--host", "127.0.0.1", "--no-dashboard", "--death-timeout", "30",
         ],
         log,
         env=WORKER_ENV,

@@ -25,10 +25,13 @@ from distributed import Client, LocalCluster, get_worker
 
 import daskdp
 from conftest import REPO, daskdp_cli, read_results
-from daskdp import config, gang
-from daskdp.cluster import RankedLocalCluster
+from daskdp import config
+from daskdp.clusters.local import RankedLocalCluster
+from daskdp.clusters.ranks import DataParallelEnv, wait_for_gpu_workers
+from daskdp.engine.plugin import PLUGIN_NAME, EnginePlugin, engine_status
 from daskdp.errors import RunError, UserError
-from daskdp.plugin import PLUGIN_NAME, DataParallelEnv, EnginePlugin, engine_status, ensure_engines
+from daskdp.strategies import gang
+from daskdp.strategies.engines import ensure_engines
 
 # Functions of this module run on workers started outside pytest, which cannot import it.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -206,7 +209,7 @@ def gang_on_warm_engines(ranked):
     model, engine_args = tiny_model()
     independent = EnginePlugin(model, engine_args)
     members = ensure_engines(client, independent, timeout=300)
-    envs = gang.layout(client, members)
+    envs = gang.data_parallel_layout(client, members)
     plugin = EnginePlugin(model, engine_args, data_parallel=envs)
     with pytest.raises(RunError) as refused:
         ensure_engines(client, plugin, timeout=300)
@@ -275,18 +278,18 @@ def test_moe_gang_config_file_selects_gang_mode():
 def test_layout_local_ranks_follow_the_devices_each_worker_sees(plain):
     """Workers seeing the same devices count up; workers pinned to their own devices are all 0."""
     client = plain
-    members = gang.gpu_ranks(client, timeout=30)
-    envs = gang.layout(client, members)
+    members = wait_for_gpu_workers(client, timeout=30)
+    envs = gang.data_parallel_layout(client, members)
     assert [envs[a].rank_local for a in members] == [0, 1]
     try:
         client.run(set_environ, {"CUDA_VISIBLE_DEVICES": "0"}, workers=[members[0]])
         client.run(set_environ, {"CUDA_VISIBLE_DEVICES": "1"}, workers=[members[1]])
-        assert [env.rank_local for env in gang.layout(client, members).values()] == [0, 0]
+        assert [env.rank_local for env in gang.data_parallel_layout(client, members).values()] == [0, 0]
         # One GPU each (SLURM's cgroups show each job its own GPU as "0"): local rank 0 for both.
         client.run(set_environ, {"CUDA_VISIBLE_DEVICES": "0"})
-        assert [env.rank_local for env in gang.layout(client, members).values()] == [0, 0]
+        assert [env.rank_local for env in gang.data_parallel_layout(client, members).values()] == [0, 0]
         client.run(set_environ, {"CUDA_VISIBLE_DEVICES": "0,1"})
-        assert [env.rank_local for env in gang.layout(client, members).values()] == [0, 1]
+        assert [env.rank_local for env in gang.data_parallel_layout(client, members).values()] == [0, 1]
     finally:
         client.run(set_environ, {"CUDA_VISIBLE_DEVICES": None})
 
@@ -294,8 +297,8 @@ def test_layout_local_ranks_follow_the_devices_each_worker_sees(plain):
 def test_layout_of_ranked_workers(ranked):
     """Ranks 0..N-1 by worker name, size N, rank 0's host and a port range free there."""
     client = ranked
-    members = gang.gpu_ranks(client, timeout=30)
-    envs = gang.layout(client, members)
+    members = wait_for_gpu_workers(client, timeout=30)
+    envs = gang.data_parallel_layout(client, members)
     names = client.run(lambda dask_worker: dask_worker.name)
     assert [names[a] for a in members] == [0, 1]
     assert [envs[a] for a in members] == [
@@ -361,10 +364,10 @@ def test_moe_gang_loads_as_one_vllm_group(gang_on_warm_engines, tiny_moe):
     """A Mixture-of-Experts model with expert parallelism loads on the two workers as one vLLM
     data-parallel group: one torch.distributed world across both Dask workers."""
     client = gang_on_warm_engines[0]
-    members = gang.gpu_ranks(client, timeout=30)
+    members = wait_for_gpu_workers(client, timeout=30)
     _, engine_args = config.engine_arguments({**config.load(), "engine": MOE_ENGINE, "model": str(tiny_moe)},
                                              gpu_host=False)  # fmt: skip
-    envs = gang.layout(client, members)
+    envs = gang.data_parallel_layout(client, members)
     plugin = EnginePlugin(str(tiny_moe), engine_args, data_parallel=envs)
     assert ensure_engines(client, plugin, timeout=300) == members
     groups = client.run(engine_groups, workers=members)
@@ -398,7 +401,7 @@ def test_a_straggling_rank_stops_the_gang(plain):
     """A rank still running parallel.straggler-timeout seconds after another finished is stuck
     (a gang's ranks finish together): the gang stops, naming it, and its worker is restarted."""
     client = plain
-    members = gang.gpu_ranks(client, timeout=30)
+    members = wait_for_gpu_workers(client, timeout=30)
     pids = client.run(os.getpid)
     tasks = [gang_task(rank_after, 0, 0.0), gang_task(rank_after, 1, 600.0)]
     start = time.monotonic()
@@ -413,8 +416,8 @@ def test_a_killed_rank_stops_the_gang(plain):
     rank, well within its timeouts, and the other rank's worker is restarted (its engine would
     wait for the lost rank forever)."""
     client = plain
-    members = gang.gpu_ranks(client, timeout=30)
-    envs = gang.layout(client, members)
+    members = wait_for_gpu_workers(client, timeout=30)
+    envs = gang.data_parallel_layout(client, members)
     for address in members:
         client.run(set_environ, envs[address].environ(), workers=[address])
     pids = client.run(os.getpid)

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 from conftest import daskdp_cli, read_results
-from daskdp import io
 from daskdp.errors import UserError
+from daskdp.output.directory import output_lock
 
 pytestmark = pytest.mark.slow
 
@@ -174,21 +174,21 @@ def test_output_that_another_run_is_writing(tmp_path, good_input):
     """A run into a directory that another run on this host is writing is refused at once and
     leaves it as it was; a run killed with SIGKILL leaves no lock behind."""
     out = tmp_path / "out"
-    with io.output_lock(str(out)):
+    with output_lock(str(out)):
         done = daskdp_cli("run", good_input, "-o", out, "--overwrite")
     error_line(done, str(out), "another daskdp run", "-o/--output")
     assert not out.exists()
 
-    hold = f"from daskdp import io; held = io.output_lock({str(out)!r}); held.__enter__(); print(1, flush=True); input()"
+    hold = f"from daskdp.output.directory import output_lock; held = output_lock({str(out)!r}); held.__enter__(); print(1, flush=True); input()"
     holder = subprocess.Popen(
         [sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     assert holder.stdout.readline().strip() == "1"
-    with pytest.raises(UserError, match="another daskdp run"), io.output_lock(str(out)):
+    with pytest.raises(UserError, match="another daskdp run"), output_lock(str(out)):
         pass
     holder.kill()
     holder.wait()
-    with io.output_lock(str(out)):
+    with output_lock(str(out)):
         pass
 
 

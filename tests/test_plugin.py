@@ -16,9 +16,10 @@ from distributed import Client
 import daskdp
 from conftest import PARITY_PROMPTS, read_results
 from daskdp import config
-from daskdp.cluster import RankedLocalCluster
-from daskdp.generation import GenerationRequest, generate_partition
-from daskdp.plugin import PLUGIN_NAME, EnginePlugin, ensure_engines
+from daskdp.clusters.local import RankedLocalCluster
+from daskdp.engine.loop import GenerationRequest, generate_partition
+from daskdp.engine.plugin import PLUGIN_NAME, EnginePlugin
+from daskdp.strategies.engines import ensure_engines
 
 # Functions of this module run on workers started outside pytest, which cannot import it.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -156,7 +157,7 @@ def test_a_failed_heartbeat_is_one_line():
     import io
     import logging
 
-    from daskdp.plugin import _heartbeat_without_traceback
+    from daskdp.engine.plugin import _heartbeat_without_traceback
 
     logger = logging.getLogger("daskdp-test-heartbeat")
     logger.addFilter(_heartbeat_without_traceback)

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from conftest import PARITY_PROMPTS, REPO, daskdp_cli
-from daskdp import io
-from daskdp.checkpoint import CHUNK_FILE
-from daskdp.generation import RESULT_DTYPES
+from daskdp.output.directory import check_output
+from daskdp.output.schema import CHUNK_FILE, REPORT_FILE, RESULT_DTYPES, SUMMARY_FILE
+from daskdp.output.summary import write_summary
 
 NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"
 FIGURES = 4  # ranks over time, tokens/s per rank, lengths, finish reasons
@@ -53,11 +53,9 @@ def embedded_pngs(report: str) -> list[bytes]:
 def test_run_writes_the_report(run):
     """`daskdp run` ends by writing the report and saying where; --overwrite accepts it later."""
     out, done = run
-    assert done.stdout.strip().splitlines()[-1] == f"report in {out}/{io.REPORT_FILE}"
-    assert len(embedded_pngs((out / io.REPORT_FILE).read_text())) == FIGURES
-    io.check_output(
-        str(out), resume=False, overwrite=True
-    )  # the report is daskdp's own file, not a stranger's
+    assert done.stdout.strip().splitlines()[-1] == f"report in {out}/{REPORT_FILE}"
+    assert len(embedded_pngs((out / REPORT_FILE).read_text())) == FIGURES
+    check_output(str(out), resume=False, overwrite=True)  # the report is daskdp's own file, not a stranger's
     assert len(pd.read_parquet(out)) == 30 + len(BAD_ROWS)  # Parquet readers skip it
 
 
@@ -65,13 +63,13 @@ def test_run_writes_the_report(run):
 def test_report_command(run):
     """`daskdp report OUT` prints the table and writes a self-contained HTML report."""
     out, _ = run
-    (out / io.REPORT_FILE).unlink()
+    (out / REPORT_FILE).unlink()
     done = daskdp_cli("report", out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "run (wall)" in done.stdout and "rank 1 (busy)" in done.stdout
-    assert done.stdout.strip().splitlines()[-1] == f"report in {out}/{io.REPORT_FILE}"
+    assert done.stdout.strip().splitlines()[-1] == f"report in {out}/{REPORT_FILE}"
 
-    report = (out / io.REPORT_FILE).read_text()
+    report = (out / REPORT_FILE).read_text()
     pngs = embedded_pngs(report)
     assert len(pngs) == FIGURES
     assert all(png.startswith(b"\x89PNG") and len(png) > 5_000 for png in pngs)
@@ -101,11 +99,11 @@ def test_resumed_run_that_generated_nothing(run, tmp_path, cluster):
         "--resume",
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((resumed / io.SUMMARY_FILE).read_text())
+    summary = json.loads((resumed / SUMMARY_FILE).read_text())
     assert (summary["rows_generated"], summary["rows_skipped"]) == (0, 30 + len(BAD_ROWS))
     assert summary["chunks"] == [] and summary["ranks"] == {}
-    assert done.stdout.strip().splitlines()[-1] == f"report in {resumed}/{io.REPORT_FILE}"
-    report = (resumed / io.REPORT_FILE).read_text()
+    assert done.stdout.strip().splitlines()[-1] == f"report in {resumed}/{REPORT_FILE}"
+    report = (resumed / REPORT_FILE).read_text()
     assert len(embedded_pngs(report)) == FIGURES
     assert "bad-null" in report and "rank 0 (busy)" not in report
 
@@ -198,7 +196,7 @@ def synthetic_run(path, results: pd.DataFrame, chunks: list[dict], **totals) -> 
         "ranks": ranks,
         **totals,
     }
-    io.write_summary(summary, str(path))
+    write_summary(summary, str(path))
     return summary
 
 
@@ -224,8 +222,8 @@ def test_all_errors_on_one_rank(tmp_path):
     chunk = {"chunk": 0, "rank": 0, "worker": "tcp://w", "rows": n, "error_rows": n, "output_tokens": 0}
     synthetic_run(tmp_path, results, [chunk | {"started": 5.0, "finished": 5.0}])
 
-    assert write_report(tmp_path) == f"{tmp_path}/{io.REPORT_FILE}"
-    report = (tmp_path / io.REPORT_FILE).read_text()
+    assert write_report(tmp_path) == f"{tmp_path}/{REPORT_FILE}"
+    report = (tmp_path / REPORT_FILE).read_text()
     assert len(embedded_pngs(report)) == FIGURES
     assert report.count("prompt is null") == 2
     table = format_table(summary_table(load(tmp_path)[1])).splitlines()
@@ -278,7 +276,7 @@ def test_thousands_of_chunks(tmp_path, ranks):
     started = time.process_time()
     write_report(tmp_path)
     assert time.process_time() - started < 30
-    assert f"rank {ranks - 1} (busy)" in (tmp_path / io.REPORT_FILE).read_text()
+    assert f"rank {ranks - 1} (busy)" in (tmp_path / REPORT_FILE).read_text()
 
 
 @pytest.mark.parametrize("what", ["resumed", "timed out"])
@@ -302,7 +300,7 @@ def test_nothing_generated(tmp_path, what):
         f"No chunk finished in this run: {message}"
     ]
     write_report(tmp_path)
-    report = (tmp_path / io.REPORT_FILE).read_text()
+    report = (tmp_path / REPORT_FILE).read_text()
     assert len(embedded_pngs(report)) == FIGURES
     table = format_table(summary_table(summary)).splitlines()
     assert len(table) == 2 and "rank" not in table[1]  # no rank generated anything

@@ -20,7 +20,7 @@ from distributed import Client
 from distributed.security import Security
 
 from conftest import daskdp_cli, read_results
-from daskdp.cluster import connect
+from daskdp.clusters import connect
 from daskdp.errors import UserError
 
 DASK = [sys.executable, "-m", "dask"]
@@ -122,7 +122,7 @@ def tls_cluster(tmp_path_factory):
         start(
             [
                 *DASK, "worker", address, "--nthreads", "1", "--resources", "GPU=1",
-                "--preload", "daskdp.plugin", "--host", "127.0.0.1", "--no-dashboard",
+                "--preload", "daskdp.engine.plugin", "--host", "127.0.0.1", "--no-dashboard",
                 "--death-timeout", "30", *tls_flags(certs, "node"),
             ],
             "worker.log",

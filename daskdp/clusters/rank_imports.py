@@ -1,5 +1,6 @@
-"""Imported by the forkserver that starts the ranks of a host without GPUs (`daskdp.forkserver`):
-every rank forked from it starts with vLLM and the modules of its tasks already imported."""
+"""What the ranks of a host without GPUs start with already imported: the forkserver imports it
+(through `daskdp.clusters.forkserver_preload`), and every rank forked from it inherits vLLM and
+the modules of its tasks."""
 
 import atexit
 import gc
@@ -7,15 +8,16 @@ import os
 
 import dask.dataframe  # noqa: F401  (reading and partitioning the input)
 
-import daskdp.generation  # noqa: F401
-import daskdp.io  # noqa: F401
-from daskdp.plugin import import_vllm_ahead
+import daskdp.engine.loop  # noqa: F401
+import daskdp.engine.plugin  # noqa: F401  (the workers' Dask preload)
+import daskdp.inputs.read  # noqa: F401
+from daskdp.engine.engine import import_vllm_ahead
 
 import_vllm_ahead()
 
 # The forkserver has nothing to clean up. `release_forkserver` kills it; when its parent exits
 # without releasing it, it exits at once instead of running vLLM's and torch's exit handlers,
-# which kept the parent's output open for 2 to 5 s. (Its ranks end with os._exit.)
+# which kept the parent's output open for seconds. (Its ranks end with os._exit.)
 atexit.register(os._exit, 0)
 
 # Forked ranks share these modules' memory until they write to it; a collection walking them

@@ -3,7 +3,7 @@
 With expert parallelism each rank holds some of the experts, so every forward pass needs all
 ranks: vLLM's data-parallel ranks step together (a rank with no requests runs dummy batches)
 and find each other through the ``VLLM_DP_*`` environment. daskdp then runs the ranks as a
-gang: one data-parallel environment per rank (`layout`), engines loaded together, exactly one
+gang: one data-parallel environment per rank (`data_parallel_layout`), engines loaded together, exactly one
 partition per rank pinned to its worker, and all ranks started together. A gang runs whole or
 not at all: when a rank fails, dies or hangs, the others are stopped (their workers
 restarted, since their engines wait for the lost rank) and the run fails naming the rank; no
@@ -15,7 +15,6 @@ refuses a data-parallel group for dense models.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -30,17 +29,20 @@ import pandas as pd
 from distributed import wait
 from distributed.comm.addressing import get_address_host
 
-from daskdp.cluster import GPU
-from daskdp.errors import RunError, UserError
-from daskdp.generation import generate_and_write, record_meta
-from daskdp.plugin import DataParallelEnv, EnginePlugin, ensure_engines, rank_order
-from daskdp.runner import BALANCED, Monitor
+from daskdp.clusters.ranks import GPU, DataParallelEnv, wait_for_gpu_workers
+from daskdp.engine.loop import generate_and_write
+from daskdp.engine.plugin import EnginePlugin
+from daskdp.errors import RunError, UserError, first_line
+from daskdp.monitor import Monitor
+from daskdp.output.schema import record_meta
+from daskdp.plan import BALANCED
+from daskdp.strategies.engines import load_engines
 
 if TYPE_CHECKING:
     from distributed import Client, Future
 
-    from daskdp.generation import GenerationRequest
-    from daskdp.runner import Plan
+    from daskdp.engine.requests import GenerationRequest
+    from daskdp.plan import Plan
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +59,27 @@ RESTART_TIMEOUT = 60.0
 
 @dataclasses.dataclass(frozen=True)
 class GangMode:
-    """How a gang is run: ``straggler_timeout`` is ``parallel.straggler-timeout``."""
+    """The gang strategy: ``straggler_timeout`` is ``parallel.straggler-timeout``."""
 
     straggler_timeout: float
+
+    def run(
+        self,
+        client: Client,
+        plan: Plan,
+        plugin: EnginePlugin,
+        request: GenerationRequest,
+        output: str,
+        *,
+        startup_timeout: float,
+        deadline: float | None,
+        progress: TextIO | None,
+    ) -> pd.DataFrame:
+        """Generate the plan's chunks with the cluster's ``GPU`` workers as one gang (`run_gang`)."""
+        return run_gang(
+            client, plan, plugin, request, output, mode=self,
+            startup_timeout=startup_timeout, deadline=deadline, progress=progress,
+        )  # fmt: skip
 
 
 def resolve(parallel: dict[str, Any], model: str, engine_args: dict[str, Any]) -> GangMode | None:
@@ -153,25 +173,7 @@ def expert_count(config: dict[str, Any]) -> int:
     return 0
 
 
-def gpu_ranks(client: Client, timeout: float) -> list[str]:
-    """The addresses of the cluster's ``GPU`` workers in rank order (by worker name)."""
-    try:
-        client.wait_for_workers(1, timeout=timeout)
-    except TimeoutError:
-        raise RunError(f"no Dask worker joined the scheduler within {timeout:g} s") from None
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    gpu = [
-        (address, info.get("name")) for address, info in workers.items() if info.get("resources", {}).get(GPU)
-    ]
-    if not gpu:
-        raise UserError(
-            f"no worker of the cluster at {client.scheduler.address} has the {GPU} resource; "
-            f"start workers with `dask worker ADDRESS --resources {GPU}=1`"
-        )
-    return [address for address, _ in sorted(gpu, key=lambda item: rank_order(*item))]
-
-
-def layout(
+def data_parallel_layout(
     client: Client, addresses: Sequence[str], tensor_parallel_size: int = 1
 ) -> dict[str, DataParallelEnv]:
     """Each rank's data-parallel environment, by worker address; ``addresses`` in rank order.
@@ -186,7 +188,7 @@ def layout(
 
     Examples
     --------
-    >>> envs = layout(client, gpu_ranks(client, timeout=60))  # doctest: +SKIP
+    >>> envs = data_parallel_layout(client, wait_for_gpu_workers(client, timeout=60))  # doctest: +SKIP
     >>> client.register_plugin(EnginePlugin(model, engine_args, data_parallel=envs))  # doctest: +SKIP
     """
     addresses = list(addresses)
@@ -243,7 +245,7 @@ def _free_ports(span: int) -> int:
     raise RuntimeError(f"found no {span} consecutive free ports on {socket.gethostname()}")
 
 
-def generate(
+def run_gang(
     client: Client,
     plan: Plan,
     plugin: EnginePlugin,
@@ -262,13 +264,13 @@ def generate(
     with the others), and a chunk that times out is not retried (one rank cannot work alone).
     Returns the chunk records of every rank.
     """
-    members = gpu_ranks(client, startup_timeout)
+    members = wait_for_gpu_workers(client, startup_timeout)
     tensor_parallel_size = int(plugin.engine_args.get("tensor_parallel_size", 1))
-    envs = layout(client, members, tensor_parallel_size)
+    envs = data_parallel_layout(client, members, tensor_parallel_size)
     gang_plugin = EnginePlugin(plugin.model, plugin.engine_args, data_parallel=envs)
     plan = dataclasses.replace(plan, mode=BALANCED)  # one partition per rank
     partitions = client.persist(plan.partitions(len(members), request.id_column))
-    load(client, gang_plugin, members, startup_timeout)
+    load_gang_engines(client, gang_plugin, members, startup_timeout)
     # Every partition in memory before any rank starts: a rank blocks its worker's only thread
     # in the group's collectives, so a partition still to compute there would never be.
     wait(partitions)
@@ -296,22 +298,13 @@ def generate(
     )
 
 
-def load(client: Client, plugin: EnginePlugin, members: list[str], timeout: float) -> None:
+def load_gang_engines(client: Client, plugin: EnginePlugin, members: list[str], timeout: float) -> None:
     """Load the gang's engines on ``members`` together, or stop the gang."""
-    loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="daskdp-load")
     try:
-        held = loader.submit(ensure_engines, client, plugin, timeout).result(timeout=timeout)
-    except concurrent.futures.TimeoutError:
-        stop(client, members)
-        raise RunError(
-            f"the gang's engines did not load within {timeout:g} s; raise cluster.startup-timeout "
-            "for a large model"
-        ) from None
+        held, _ = load_engines(client, plugin, timeout, what="the gang's engines")
     except RunError:
         stop(client, members)  # the other ranks' loads wait for the one that failed
         raise
-    finally:
-        loader.shutdown(wait=False)
     if held != members:
         stop(client, members)
         raise RunError(
@@ -454,7 +447,7 @@ class GangMonitor(Monitor):
         reason = future.status  # cancelled
         if future.status == "error":
             error = future.exception()
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = first_line(error)
         raise RunError(
             f"gang rank {rank} (worker {self.members[rank]}) failed: {reason}; "
             "the other ranks were stopped with it",

@@ -2,7 +2,7 @@
 
 The scheduler runs in this process; each rank is one job running one Dask worker
 (``processes=1``) that carries the resource ``GPU=tensor_parallel_size``, preloads
-``daskdp.plugin`` and runs this environment's Python. On a GPU engine each job also asks the
+``daskdp.engine.plugin`` and runs this environment's Python. On a GPU engine each job also asks the
 queue for the rank's GPUs (SLURM ``--gres=gpu:K``, PBS ``ngpus=K``). The keys under
 ``cluster.jobqueue`` are ``SLURMCluster``/``PBSCluster`` arguments, hyphens for underscores;
 a key left null is decided by dask-jobqueue's own configuration (``jobqueue.slurm.*``,
@@ -13,6 +13,7 @@ closing waits until the queue no longer lists them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import getpass
 import importlib.metadata
 import ipaddress
@@ -24,7 +25,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.config
 from dask.utils import parse_bytes
@@ -32,25 +33,12 @@ from distributed import Client
 from distributed.core import Status
 from distributed.utils import format_dashboard_link
 
-from daskdp.cluster import GPU, RANK_DASK_CONFIG
-from daskdp.errors import RunError, UserError
+from daskdp.clusters.local import WORKER_PRELOAD
+from daskdp.clusters.ranks import GPU, RANK_DASK_CONFIG
+from daskdp.errors import RunError, UserError, find_cause, first_line
 
-_sigint = signal.getsignal(signal.SIGINT)
-try:
-    from dask_jobqueue import PBSCluster, SLURMCluster
+if TYPE_CHECKING:
     from dask_jobqueue.core import JobQueueCluster
-    from dask_jobqueue.pbs import PBSJob, pbs_format_bytes_ceil
-    from dask_jobqueue.slurm import SLURMJob
-except ImportError as e:  # pragma: no cover - the hpc extra is missing
-    raise UserError(
-        "--cluster slurm|pbs needs dask-jobqueue; install it with: pip install 'daskdp[hpc]'"
-    ) from e
-if threading.current_thread() is threading.main_thread():
-    # dask-jobqueue 0.9.0 replaces the SIGINT handler with sys.exit() when imported
-    # (dask/dask-jobqueue#696): Ctrl-C would skip the KeyboardInterrupt that stops a run.
-    if getattr(_sigint, "__module__", None) == "dask_jobqueue.runner" or _sigint is None:
-        _sigint = signal.default_int_handler
-    signal.signal(signal.SIGINT, _sigint)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +50,7 @@ LEAVE_QUEUE_TIMEOUT = 60.0
 JOB_ENVIRONMENT = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "OMP_NUM_THREADS": "1",
-    # The rank's Dask settings (daskdp.cluster.RANK_DASK_CONFIG), as Dask reads them from the environment.
+    # The rank's Dask settings (daskdp.clusters.ranks.RANK_DASK_CONFIG), as Dask reads them from the environment.
     **{
         "DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
         for key, value in RANK_DASK_CONFIG.items()
@@ -81,14 +69,6 @@ class ClosingJob:
         await super().close()
         self.status = Status.closed
         self._event_finished.set()
-
-
-class RankedSLURMJob(ClosingJob, SLURMJob):
-    pass
-
-
-class RankedPBSJob(ClosingJob, PBSJob):
-    pass
 
 
 class RankedJobs:
@@ -110,7 +90,7 @@ class RankedJobs:
         return format_dashboard_link(self.dashboard_host, port)
 
     def _new_worker_name(self, worker_number: int) -> str:
-        # Numeric names order the ranks as the jobs were submitted (see plugin._worker_rank).
+        # Numeric names order the ranks as the jobs were submitted (see daskdp.clusters.ranks.rank_order).
         return str(worker_number)
 
     def submitted(self) -> list[str]:
@@ -179,10 +159,9 @@ class RankedJobs:
             time.sleep(0.25)
 
 
-class RankedSLURMCluster(RankedJobs, SLURMCluster):
-    """A ``dask_jobqueue.SLURMCluster`` whose workers are daskdp's ranks, one job each."""
+class SLURMRanks(RankedJobs):
+    """What daskdp adds to a ``dask_jobqueue.SLURMCluster`` (`cluster_classes`)."""
 
-    job_cls = RankedSLURMJob
     queue_name = "SLURM"
     status_command = "squeue"
     # squeue's reasons for jobs that ask more than the partition, account or QOS ever allows.
@@ -212,10 +191,9 @@ class RankedSLURMCluster(RankedJobs, SLURMCluster):
         return states
 
 
-class RankedPBSCluster(RankedJobs, PBSCluster):
-    """A ``dask_jobqueue.PBSCluster`` whose workers are daskdp's ranks, one job each."""
+class PBSRanks(RankedJobs):
+    """What daskdp adds to a ``dask_jobqueue.PBSCluster`` (`cluster_classes`)."""
 
-    job_cls = RankedPBSJob
     queue_name = "PBS"
     status_command = "qstat"
     output_pattern = "{name}.o{id}"
@@ -250,7 +228,34 @@ def parse_qstat(text: str) -> dict[str, tuple[str, str]]:
     return states
 
 
-CLUSTERS: dict[str, type[JobQueueCluster]] = {"slurm": RankedSLURMCluster, "pbs": RankedPBSCluster}
+@functools.cache
+def cluster_classes() -> dict[str, type[JobQueueCluster]]:
+    """The dask-jobqueue clusters whose workers are daskdp's ranks, one job each, by ``cluster.type``.
+
+    Imports dask-jobqueue, which replaces the SIGINT handler with ``sys.exit()`` when imported
+    (dask/dask-jobqueue#696): Ctrl-C would skip the KeyboardInterrupt that stops a run, so
+    Python's handler is put back.
+    """
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        from dask_jobqueue import PBSCluster, SLURMCluster
+        from dask_jobqueue.pbs import PBSJob
+        from dask_jobqueue.slurm import SLURMJob
+    except ImportError as e:  # pragma: no cover - the hpc extra is missing
+        raise UserError(
+            "--cluster slurm|pbs needs dask-jobqueue; install it with: pip install 'daskdp[hpc]'"
+        ) from e
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            if getattr(sigint, "__module__", None) == "dask_jobqueue.runner" or sigint is None:
+                sigint = signal.default_int_handler
+            signal.signal(signal.SIGINT, sigint)
+    slurm_job = type("RankedSLURMJob", (ClosingJob, SLURMJob), {})
+    pbs_job = type("RankedPBSJob", (ClosingJob, PBSJob), {})
+    return {
+        "slurm": type("RankedSLURMCluster", (SLURMRanks, SLURMCluster), {"job_cls": slurm_job}),
+        "pbs": type("RankedPBSCluster", (PBSRanks, PBSCluster), {"job_cls": pbs_job}),
+    }
 
 
 def start(cluster_config: dict[str, Any], tensor_parallel_size: int) -> tuple[Client, JobQueueCluster]:
@@ -285,9 +290,9 @@ def make_cluster(cluster_config: dict[str, Any], tensor_parallel_size: int) -> J
     >>> print(cluster.job_script())  # doctest: +SKIP
     """
     kind = cluster_config.get("type")
-    if kind not in CLUSTERS:
+    if kind not in ("slurm", "pbs"):
         raise UserError(f"cluster.type must be local, slurm or pbs, got {kind!r}")
-    cls = CLUSTERS[kind]
+    cls = cluster_classes()[kind]
     arguments = job_arguments(kind, cluster_config, tensor_parallel_size)
     try:
         cluster = cls(**arguments)
@@ -298,13 +303,13 @@ def make_cluster(cluster_config: dict[str, Any], tensor_parallel_size: int) -> J
                 f"cluster.jobqueue.{found.group(1).replace('_', '-')} is not an argument of "
                 f"{cls.__bases__[-1].__name__}; see conf/cluster/{kind}.yaml"
             ) from None
-        listening = _cause(e, OSError)
+        listening = find_cause(e, OSError)
         if listening is not None:  # the scheduler could not listen where it was told
             raise UserError(
                 f"the scheduler cannot listen on cluster.host {cluster_config['host']} "
                 f"({listening.strerror or listening}); give an address of this host"
             ) from None
-        raise UserError(f"cluster.jobqueue: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cluster.jobqueue: {first_line(e)}") from None
     dashboard = str(cluster_config["dashboard-address"] or "")
     cluster.dashboard_host = dashboard.rsplit(":", 1)[0].strip("[]") if ":" in dashboard else None
     return cluster
@@ -340,6 +345,8 @@ def job_arguments(kind: str, cluster_config: dict[str, Any], tensor_parallel_siz
     if kind == "slurm" and request_gpus and not any("gpu" in str(d).lower() for d in directives):
         directives.append(f"--gres=gpu:{gpus}")
     if kind == "pbs" and request_gpus and setting("resource_spec") is None:
+        from dask_jobqueue.pbs import pbs_format_bytes_ceil
+
         # dask-jobqueue's own default resource request, with the rank's GPUs.
         given["resource_spec"] = (
             f"select=1:ncpus={cores}:ngpus={gpus}:mem={pbs_format_bytes_ceil(parse_bytes(memory))}"
@@ -350,7 +357,7 @@ def job_arguments(kind: str, cluster_config: dict[str, Any], tensor_parallel_siz
     prologue = [f"export {key}={value}" for key, value in environment.items()]
     prologue += list(setting("job_script_prologue") or [])
     worker_args = list(setting("worker_extra_args") or [])
-    worker_args += ["--resources", f"{GPU}={gpus}", "--preload", "daskdp.plugin"]
+    worker_args += ["--resources", f"{GPU}={gpus}", "--preload", WORKER_PRELOAD]
     host = cluster_config["host"]
     scheduler_options = {"dashboard_address": cluster_config["dashboard-address"]}
     if not (setting("interface") and loopback(host)):
@@ -470,17 +477,6 @@ def not_started(
         f"{message}; ask for fewer ranks (--workers) or resources the queue can give "
         "(cluster.jobqueue), or raise cluster.startup-timeout"
     )
-
-
-def _cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The first exception of type ``kind`` in the chain of ``error``."""
-    seen: list[BaseException] = []
-    while error is not None and error not in seen:
-        if isinstance(error, kind):
-            return error
-        seen.append(error)
-        error = error.__cause__ or error.__context__
-    return None
 
 
 def cpu_engine() -> bool:

@@ -1,0 +1,362 @@
+"""The one chunk loop: a partition of rows generated chunk by chunk on its worker's engine.
+
+Both ``daskdp run`` (`generate_and_write`: each chunk written as it finishes, chunks already
+written skipped) and the lazy ``daskdp.generate`` (`generate_partition`: the rows returned) run
+`chunk_loop`. daskdp steps the engine itself: for live progress, for aborting a chunk
+that runs past its timeout (and retrying it), and for writing each chunk as soon as it is done.
+Rows that cannot be generated (null, empty or non-text prompts, prompts longer than the model
+allows, bad per-row sampling values, rows the engine rejects) keep their place with ``error``
+set; the rest of the chunk is generated.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from daskdp.engine.requests import GenerationRequest
+from daskdp.engine.rows import Chunk
+from daskdp.output.chunks import done_chunks, write_chunk, write_timed_out
+from daskdp.output.schema import RECORD_DTYPES, SKIPPED, record_meta, result_meta
+
+if TYPE_CHECKING:
+    from dask.typing import Key
+    from distributed import Worker
+    from vllm import LLM
+
+    from daskdp.engine.engine import Engine
+
+__all__ = ["GenerationRequest", "generate_and_write", "generate_partition"]
+
+PROGRESS_TOPIC = "daskdp-progress"
+GIVEN_AWAY = "daskdp-given-away"  # a task's metadata on the scheduler: chunks it gave away
+
+
+def generate_partition(
+    part: pd.DataFrame, request: GenerationRequest, partition_info: dict | None = None
+) -> pd.DataFrame:
+    """``daskdp.generate``'s ``map_partitions`` function: one partition and its results.
+
+    Every input row comes back once; rows a chunk timeout stopped (after ``request.retries``
+    further attempts) come back with ``error`` set.
+    """
+    return chunk_loop(part, request, partition_info)
+
+
+def generate_and_write(
+    part: pd.DataFrame,
+    request: GenerationRequest,
+    output: str,
+    partition_info: dict | None = None,
+    chunks: list[int] | None = None,
+) -> pd.DataFrame:
+    """``daskdp run``'s task: generate one partition chunk by chunk, writing each chunk as it finishes.
+
+    ``chunks``: only these chunks of the partition (given away by the rank that holds the
+    partition, `give_away`). Chunks not yet started may be given away in turn; a task run
+    again (its worker died) leaves out the chunks it gave away (`GIVEN_AWAY`).
+
+    Returns one record per chunk: done, timed out (after ``request.retries`` further
+    attempts), or skipped because an earlier attempt at this task, on a worker that died,
+    already wrote it.
+    """
+    return chunk_loop(part, request, partition_info, output=output, chunks=chunks)
+
+
+def chunk_loop(
+    part: pd.DataFrame,
+    request: GenerationRequest,
+    partition_info: dict | None = None,
+    *,
+    output: str | None = None,
+    chunks: list[int] | None = None,
+) -> pd.DataFrame:
+    """Generate one partition on this worker's engine, chunk by chunk, with retries.
+
+    With an ``output``: chunks already written there are skipped, each chunk is written as it
+    finishes, and the chunk records are returned. Without: the rows with their results.
+    """
+    from distributed import get_client, get_worker
+
+    from daskdp.engine.plugin import gang_engine, get_engine
+
+    if part.empty:
+        if (engine := gang_engine()) is not None:  # gang mode: a rank without rows steps along
+            engine.call(step_with_gang)
+        return record_meta() if output is not None else result_meta(part)
+    partition = partition_info["number"] if partition_info else (0 if output is not None else -1)
+    engine, rank = get_engine()
+    worker = get_worker()
+    key = worker.get_current_task()
+    if output is None:  # chunks by position in the partition
+        numbers = np.arange(len(part)) // request.chunk_rows
+        written: set[int] = set()
+        given: set[int] = set()
+    else:  # chunks of the run's layout: the index is each row's place
+        numbers = part.index.to_numpy() // request.chunk_rows
+        written = done_chunks(output)
+        given = set(get_client().get_metadata([key, GIVEN_AWAY], default=[]))
+    wanted = set(chunks) if chunks is not None else None
+    mine = [
+        (int(number), rows)
+        for number, rows in part.groupby(numbers, sort=True)
+        if number not in given and (wanted is None or number in wanted)
+    ]
+    report = ProgressReporter(worker, request, partition, rank, sum(len(rows) for _, rows in mine))
+    todo, records = [], []
+    for number, rows in mine:
+        if number in written:
+            skipped = Chunk(number, rows).record(rank, worker.address, partition, request.id_column)
+            records.append(skipped | {"status": SKIPPED})
+            report.advance(len(rows), 0)
+        else:
+            todo.append((number, rows))
+
+    def write(chunk: Chunk) -> dict[str, Any]:
+        record = chunk.record(rank, worker.address, partition, request.id_column)
+        return write_chunk(chunk.results(rank, worker.address), output, record, request.id_column)
+
+    finished: list[Chunk] = []
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="daskdp-write") as writer,
+        ChunkQueue(todo).shared(key) as queue,
+    ):
+        writes = []
+        if output is None:
+            on_finished = finished.append
+        else:  # a finished chunk is freed once it is written
+            on_finished = lambda chunk: writes.append(writer.submit(write, chunk))  # noqa: E731
+        stopped = generate_chunks(engine, queue, request, report, on_finished)
+        if output is not None:
+            for chunk in stopped:
+                record = chunk.record(rank, worker.address, partition, request.id_column)
+                records.append(write_timed_out(output, record))
+            records.extend(write.result() for write in writes)
+    report.send(final=True)
+    if output is not None:
+        return pd.DataFrame(records)[list(RECORD_DTYPES)].astype(RECORD_DTYPES)
+    for chunk in stopped:
+        chunk.give_up(f"stopped by the chunk timeout of {request.chunk_timeout:g} s")
+    done = sorted(finished + stopped, key=lambda chunk: chunk.number)
+    return pd.concat([chunk.results(rank, worker.address) for chunk in done])
+
+
+def generate_chunks(
+    engine: Engine,
+    chunks: Iterable[tuple[int, pd.DataFrame]],
+    request: GenerationRequest,
+    report: ProgressReporter,
+    on_finished: Callable[[Chunk], Any],
+) -> list[Chunk]:
+    """Generate ``chunks`` (number, rows) on ``engine``, giving each finished one to ``on_finished``;
+    a chunk stopped by the chunk timeout is tried ``request.retries`` more times.
+
+    Returns the chunks stopped at their last attempt.
+    """
+    waiting: Iterable[tuple[int, pd.DataFrame]] = chunks
+    stopped: list[Chunk] = []
+    for attempt in range(1, request.retries + 2):
+        # Made as the engine takes them: a finished chunk is freed once it is handed on.
+        made = (Chunk(number, rows, attempt) for number, rows in waiting)
+        stopped = engine.call(step_chunks, made, request, report, on_finished)
+        if not stopped:
+            break
+        waiting = [(chunk.number, chunk.rows) for chunk in stopped]
+    return stopped
+
+
+class ChunkQueue:
+    """The chunks of a running task that its engine has not taken yet.
+
+    The engine takes them from the front; a rank that has run out of work is given the back
+    half (`give_away`), so that each side keeps neighbouring chunks (rows sharing a prefix).
+    """
+
+    running: dict[Key, ChunkQueue] = {}  # the queues of the tasks running in this process
+
+    def __init__(self, chunks: Iterable[tuple[int, pd.DataFrame]]):
+        self.chunks = collections.deque(chunks)
+        self.lock = threading.Lock()
+
+    def __iter__(self):
+        while True:
+            with self.lock:
+                if not self.chunks:
+                    return
+                chunk = self.chunks.popleft()
+            yield chunk
+
+    @contextlib.contextmanager
+    def shared(self, key: Key):
+        """Let other ranks take chunks from this queue while task ``key`` runs."""
+        ChunkQueue.running[key] = self
+        try:
+            yield self
+        finally:
+            ChunkQueue.running.pop(key, None)
+
+    def rows(self) -> int:
+        with self.lock:
+            return sum(len(rows) for _, rows in self.chunks)
+
+    def give_away(self) -> list[int]:
+        """Remove the back half of the chunks (rounded up); their numbers."""
+        with self.lock:
+            given = [self.chunks.pop()[0] for _ in range((len(self.chunks) + 1) // 2)]
+        return sorted(given)
+
+
+def queued_rows(keys: list[Key]) -> dict[Key, int]:
+    """Run on a worker (``client.run``): rows not yet started by those of ``keys`` running there."""
+    return {key: queue.rows() for key in keys if (queue := ChunkQueue.running.get(key)) is not None}
+
+
+def give_away(key: Key) -> list[int]:
+    """Run on a worker (``client.run``): take half the unstarted chunks of task ``key``, for
+    another rank to generate; their numbers (none when the task has finished).
+
+    The caller records them in the task's metadata under `GIVEN_AWAY`, so that the task, run
+    again after its worker died, leaves them out.
+    """
+    queue = ChunkQueue.running.get(key)
+    return queue.give_away() if queue is not None else []
+
+
+class ProgressReporter:
+    """Sends a partition's progress to the client as Dask events, at most once an interval."""
+
+    def __init__(self, worker: Worker, request: GenerationRequest, partition: int, rank: int, total: int):
+        self.worker = worker
+        self.interval = request.progress_interval
+        self.message = {
+            "run": request.run_id,
+            "task": str(worker.get_current_task()),
+            "partition": partition,
+            "rank": rank,
+            "total": total,
+        }
+        self.done = self.output_tokens = 0
+        self.last = 0.0
+
+    def advance(self, rows: int, output_tokens: int) -> None:
+        self.done += rows
+        self.output_tokens += output_tokens
+
+    def send(self, final: bool = False) -> None:
+        now = time.monotonic()
+        if final or now - self.last >= self.interval:
+            self.last = now
+            message = {**self.message, "done": self.done, "output_tokens": self.output_tokens, "final": final}
+            self.worker.log_event(PROGRESS_TOPIC, message)
+
+
+def step_chunks(
+    llm: LLM,
+    chunks: Iterable[Chunk],
+    request: GenerationRequest,
+    report: ProgressReporter,
+    on_finished: Callable[[Chunk], Any],
+) -> list[Chunk]:
+    """Runs on the engine's thread: generate ``chunks``, handing each to ``on_finished`` when done.
+
+    The engine is kept full across chunk boundaries: the next chunk is added while fewer
+    than two batches' worth of requests are in it. The oldest unfinished chunk is stopped
+    (its requests aborted, so the rank moves on) once it has been oldest for longer than
+    ``request.chunk_timeout``; stopped chunks are returned. Each finished chunk is given the
+    engine's prefix-cache counts since the chunk before it finished.
+    """
+    counted = prefix_cache_counts(llm)
+
+    def finished(chunk: Chunk) -> None:
+        nonlocal counted
+        now = prefix_cache_counts(llm)
+        chunk.prefix_cache = (now[0] - counted[0], now[1] - counted[1])
+        counted = now
+        on_finished(chunk)
+
+    engine = llm.llm_engine
+    lookahead = 2 * engine.vllm_config.scheduler_config.max_num_seqs
+    waiting = iter(chunks)
+    exhausted = False
+    running: dict[int, Chunk] = {}  # in the order they were added
+    owners: dict[str, Chunk] = {}
+    stopped = []
+    try:
+        while not exhausted or running:
+            while not exhausted and len(owners) < lookahead:
+                chunk = next(waiting, None)
+                if chunk is None:
+                    exhausted = True
+                    break
+                chunk.enqueue(llm, request)
+                report.advance(len(chunk.rows) - len(chunk.pending), 0)
+                if chunk.pending:
+                    running[chunk.number] = chunk
+                    owners.update(dict.fromkeys(chunk.pending, chunk))
+                else:
+                    finished(chunk)
+            if not running:
+                continue
+            if not engine.has_unfinished_requests():  # never expected: the engine lost requests
+                for chunk in running.values():
+                    chunk.give_up("the engine returned no output")
+                    finished(chunk)
+                running.clear()
+                owners.clear()
+                continue
+            oldest = next(iter(running.values()))
+            oldest.head_since = oldest.head_since or time.monotonic()
+            for output in engine.step():
+                chunk = owners.pop(output.request_id, None) if output.finished else None
+                if chunk is None:
+                    continue
+                report.advance(1, chunk.finish_row(output.request_id, output))
+                if not chunk.pending:
+                    del running[chunk.number]
+                    finished(chunk)
+            report.send()
+            timeout = request.chunk_timeout
+            if timeout is not None and oldest.pending and time.monotonic() - oldest.head_since > timeout:
+                engine.abort_request(list(oldest.pending))
+                for request_id in oldest.pending:
+                    del owners[request_id]
+                del running[oldest.number]
+                stopped.append(oldest)
+    finally:
+        if owners:  # an error, or the worker closing: leave the engine empty for the next task
+            engine.abort_request(list(owners))
+    step_with_gang(llm)
+    return stopped
+
+
+def step_with_gang(llm: LLM) -> None:
+    """Gang mode (`daskdp.strategies.gang`): step until no rank of the engine's data-parallel group has work.
+
+    The ranks of a gang step together: one with nothing left runs vLLM's dummy batches while
+    the others finish, and one that stopped stepping would leave them waiting in a collective.
+    An independent engine (no data-parallel group) returns at once.
+    """
+    engine = llm.llm_engine
+    if getattr(engine, "dp_group", None) is None:
+        return
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def prefix_cache_counts(llm: LLM) -> tuple[int, int]:
+    """Prompt tokens the engine has looked up in its prefix cache so far, and found there."""
+    counts = {"vllm:prefix_cache_queries": 0, "vllm:prefix_cache_hits": 0}
+    if not llm.llm_engine.log_stats:  # engine.disable-log-stats: true
+        return 0, 0
+    for metric in llm.get_metrics():
+        if metric.name in counts:
+            counts[metric.name] += int(metric.value)
+    return counts["vllm:prefix_cache_queries"], counts["vllm:prefix_cache_hits"]

@@ -1,0 +1,1 @@
+"""Input: read prompts (`read`) and survey them once on the workers (`survey`)."""

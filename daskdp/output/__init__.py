@@ -1,0 +1,1 @@
+"""Output: one owner for the directory (`directory`), its manifest, chunk files, summary and readers."""

@@ -1,0 +1,245 @@
+"""The run's summary: built from the chunk records, written to ``_summary.json``, checked, and
+shown as ONE table (`summary_table`) that ``daskdp run``, ``daskdp report`` and the HTML report
+all print."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import posixpath
+import time
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from daskdp.errors import RunError
+from daskdp.output.chunks import read_records
+from daskdp.output.manifest import redacted
+from daskdp.output.schema import SUMMARY_FILE, TIMED_OUT
+
+if TYPE_CHECKING:
+    from daskdp.plan import Layout
+
+
+def summarize(
+    records: pd.DataFrame,
+    earlier: dict[int, dict[str, Any]],
+    output: str,
+    layout: Layout,
+    source: str,
+    model: str,
+    settings: dict[str, Any],
+    started: float,
+) -> dict[str, Any]:
+    """The run's summary: totals over the output, and this run's chunks, ranks and speed."""
+    wall = time.time() - started
+    finished = read_records(output)
+    generated = [record for chunk, record in finished.items() if chunk not in earlier]
+    timed_out = records[records["status"] == TIMED_OUT]
+    output_tokens = sum(record["output_tokens"] for record in generated)
+    return {
+        "input": source,
+        "output": output,
+        "model": model,
+        "sampling": settings["sampling"],
+        "engine": redacted(settings["engine"]),
+        "started": started,
+        "finished": time.time(),
+        "wall_seconds": round(wall, 3),
+        "rows": layout.rows,
+        "rows_done": sum(record["rows"] for record in finished.values()),
+        "rows_generated": sum(record["rows"] for record in generated),
+        "rows_skipped": sum(record["rows"] for record in earlier.values()),
+        "error_rows": sum(record["error_rows"] for record in finished.values()),
+        "timed_out_rows": int(timed_out["timed_out_rows"].sum()),
+        "timed_out_ids": [i for ids in timed_out["timed_out_ids"] for i in ids],
+        "prompt_tokens": sum(record["prompt_tokens"] for record in generated),
+        "output_tokens": output_tokens,
+        "output_tokens_per_second": round(output_tokens / wall, 1) if wall else 0.0,
+        "prefix_cache_hit_rate": hit_rate(generated),
+        "chunk_rows": layout.chunk_rows,
+        "chunks": [
+            {key: record[key] for key in CHUNK_SUMMARY_KEYS}
+            for record in sorted(generated, key=lambda record: record["chunk"])
+        ],
+        "ranks": busy_by_rank(generated),
+    }
+
+
+CHUNK_SUMMARY_KEYS = (
+    "chunk",
+    "partition",
+    "rank",
+    "worker",
+    "rows",
+    "error_rows",
+    "output_tokens",
+    "started",
+    "finished",
+)
+
+CHUNK_COLUMNS = [key for key in CHUNK_SUMMARY_KEYS if key != "partition"]
+
+
+def busy_by_rank(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Rows and busy seconds by rank; chunks that overlap in time count once."""
+    ranks: dict[int, dict[str, Any]] = {}
+    for rank, chunks in itertools.groupby(
+        sorted(records, key=lambda r: (r["rank"], r["started"])), key=lambda r: r["rank"]
+    ):
+        chunks = list(chunks)
+        busy, end = 0.0, -math.inf
+        for record in chunks:
+            busy += max(0.0, record["finished"] - max(record["started"], end))
+            end = max(end, record["finished"])
+        ranks[int(rank)] = {
+            "rows": sum(r["rows"] for r in chunks),
+            "busy_seconds": round(busy, 3),
+            "output_tokens": sum(r["output_tokens"] for r in chunks),
+            "prefix_cache_hit_rate": hit_rate(chunks),
+        }
+    return ranks
+
+
+def hit_rate(records: list[dict[str, Any]]) -> float | None:
+    """The fraction of prompt tokens found in the engines' prefix caches; None without lookups."""
+    queries = sum(record.get("prefix_cache_queries", 0) for record in records)
+    hits = sum(record.get("prefix_cache_hits", 0) for record in records)
+    return round(hits / queries, 4) if queries else None
+
+
+def check_finished(summary: dict[str, Any], max_error_rate: float | None) -> None:
+    """Fail a run that left timed-out rows or rows without a result, or more error rows than
+    ``max_error_rate`` allows."""
+    if summary["timed_out_rows"]:
+        ids = summary["timed_out_ids"]
+        shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+        raise RunError(
+            f"{summary['timed_out_rows']} rows timed out after --chunk-timeout and its retries "
+            f"(ids {shown}); raise --chunk-timeout",
+            resumable=True,
+            summary=summary,
+        )
+    if summary["rows_done"] < summary["rows"]:  # never expected: a chunk no rank wrote
+        raise RunError(
+            f"{summary['rows'] - summary['rows_done']:,} of {summary['rows']:,} rows have no result "
+            "(their chunks were not written)",
+            resumable=True,
+            summary=summary,
+        )
+    if max_error_rate is not None and summary["error_rows"] > max_error_rate * summary["rows"]:
+        raise RunError(
+            f"{summary['error_rows']:,} of {summary['rows']:,} rows are errors, more than "
+            f"--max-error-rate {max_error_rate:g} allows; their reasons are in the error column",
+            summary=summary,
+        )
+
+
+def write_summary(summary: dict[str, Any], output: str) -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(output)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(posixpath.join(path, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+        f.write("\n")
+
+
+def summary_table(summary: dict[str, Any]) -> pd.DataFrame:
+    """The run's totals and each rank's share, one row each.
+
+    The run's ``rows`` are the input's: ``generated`` by this invocation, ``skipped`` because
+    the earlier run it resumed had finished them, or ``timed out``; its ``error rows`` are
+    the whole output's. Its ``seconds`` are its wall time (cluster start and engine loading
+    included); a rank's are its busy time, while it had a chunk to generate or write.
+    """
+    per_rank = rank_totals(summary)
+    run = {
+        "rows": summary["rows"],
+        "generated": summary["rows_generated"],
+        "skipped": summary["rows_skipped"],
+        "timed out": summary["timed_out_rows"],
+        "error rows": summary["error_rows"],
+        "chunks": len(summary["chunks"]),
+        "prompt tokens": summary["prompt_tokens"],
+        "output tokens": summary["output_tokens"],
+        "seconds": summary["wall_seconds"],
+        "output tok/s": summary["output_tokens_per_second"],
+    }
+    ranks = pd.DataFrame(
+        {
+            "generated": per_rank["rows"],
+            "error rows": per_rank["error_rows"],
+            "chunks": per_rank["chunks"],
+            "output tokens": per_rank["output_tokens"],
+            "seconds": per_rank["busy_seconds"],
+            "output tok/s": per_rank["tokens_per_second"],
+        }
+    ).set_axis([f"rank {rank} (busy)" for rank in per_rank.index])
+    table = pd.concat([pd.DataFrame([run], index=["run (wall)"]), ranks])
+    counts = [column for column in run if column not in ("seconds", "output tok/s")]
+    return table.astype(dict.fromkeys(counts, "Int64")).round({"seconds": 1, "output tok/s": 1})
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """``table`` as aligned text, as ``daskdp report`` prints it."""
+    return as_text(table).to_string()
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run text ``daskdp run`` prints: `summary_table`'s run row, one figure a line,
+    then its ranks' rows."""
+    table = as_text(summary_table(summary))
+    lines = [f"{name:<15} {value:>12}" for name, value in table.iloc[0].items()]
+    if summary.get("prefix_cache_hit_rate") is not None:
+        hit_rate = f"{summary['prefix_cache_hit_rate']:.1%}"
+        lines.append(f"{'prefix cache':<15} {hit_rate:>12}   (prompt tokens found cached)")
+    ranks = table.iloc[1:]
+    if len(ranks):
+        lines.append(ranks.loc[:, (ranks != "").any()].to_string())
+    lines.append(f"results in {summary['output']}")
+    return "\n".join(lines)
+
+
+def summary_chunks(summary: dict[str, Any]) -> pd.DataFrame:
+    """The chunks this invocation generated, one row each."""
+    return pd.DataFrame(summary["chunks"], columns=CHUNK_COLUMNS).astype(
+        {
+            "rank": int,
+            "rows": int,
+            "error_rows": int,
+            "output_tokens": int,
+            "started": float,
+            "finished": float,
+        }
+    )
+
+
+def rank_totals(summary: dict[str, Any]) -> pd.DataFrame:
+    """Rows, chunks, error rows, output tokens, busy seconds and output tokens/s by rank."""
+    per_rank = (
+        summary_chunks(summary)
+        .groupby("rank")
+        .agg(
+            rows=("rows", "sum"),
+            chunks=("chunk", "size"),
+            error_rows=("error_rows", "sum"),
+            output_tokens=("output_tokens", "sum"),
+        )
+    )
+    busy = {int(rank): stats["busy_seconds"] for rank, stats in summary["ranks"].items()}
+    per_rank["busy_seconds"] = per_rank.index.map(busy).astype(float)
+    rate = per_rank["output_tokens"] / per_rank["busy_seconds"].where(per_rank["busy_seconds"] > 0)
+    return per_rank.assign(tokens_per_second=rate.fillna(0.0))
+
+
+def as_text(table: pd.DataFrame) -> pd.DataFrame:
+    """Numbers as text: thousands separated, floats to one decimal, nothing where missing."""
+
+    def cell(value: Any) -> str:
+        if pd.isna(value):
+            return ""
+        return f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
+
+    return table.astype(object).map(cell)
