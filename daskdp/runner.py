@@ -26,6 +26,7 @@ from daskdp.output.directory import check_output, clear_output, default_output, 
 from daskdp.output.schema import record_meta
 from daskdp.output.summary import check_finished, summarize, write_summary
 from daskdp.plan import Layout, Plan, chunk_layout
+from daskdp.strategies import Generation
 from daskdp.strategies.independent import Independent
 
 if TYPE_CHECKING:
@@ -125,14 +126,16 @@ def run(
                 plan = Plan(prompts, survey, layout, todo, limits["partitioning"])
                 strategy: Strategy = gang_mode or Independent(planned_ranks=planned)
                 records = strategy.run(
-                    client,
-                    plan,
-                    EnginePlugin(model, engine_args),
-                    request,
-                    output,
-                    startup_timeout=settings["cluster"]["startup-timeout"],
-                    deadline=started + limits["timeout"] if limits["timeout"] else None,
-                    progress=progress,
+                    Generation(
+                        client,
+                        plan,
+                        EnginePlugin(model, engine_args),
+                        request,
+                        output,
+                        startup_timeout=settings["cluster"]["startup-timeout"],
+                        deadline=started + limits["timeout"] if limits["timeout"] else None,
+                        progress=progress,
+                    )
                 )
         except BaseException:
             # Stopped midway (Ctrl-C, SIGTERM, a failure): as its workers go, the scheduler still

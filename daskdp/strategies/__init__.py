@@ -8,6 +8,7 @@ with expert parallelism), one partition each, all or nothing. Both load their en
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TextIO
 
 if TYPE_CHECKING:
@@ -19,18 +20,22 @@ if TYPE_CHECKING:
     from daskdp.plan import Plan
 
 
+@dataclass(frozen=True)
+class Generation:
+    """What a strategy is given: the plan's chunks to generate with ``plugin``'s engines on the
+    client's cluster, into ``output``, by ``deadline`` (a ``time.time()``, or none)."""
+
+    client: Client
+    plan: Plan
+    plugin: EnginePlugin
+    request: GenerationRequest
+    output: str
+    startup_timeout: float
+    deadline: float | None
+    progress: TextIO | None
+
+
 class Strategy(Protocol):
-    def run(
-        self,
-        client: Client,
-        plan: Plan,
-        plugin: EnginePlugin,
-        request: GenerationRequest,
-        output: str,
-        *,
-        startup_timeout: float,
-        deadline: float | None,
-        progress: TextIO | None,
-    ) -> pd.DataFrame:
-        """Generate the plan's chunks into ``output``; the chunk records of every partition."""
+    def run(self, generation: Generation) -> pd.DataFrame:
+        """Generate the plan's chunks into the output; the chunk records of every partition."""
         ...

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from daskdp.engine.requests import GenerationRequest
     from daskdp.plan import Plan
+    from daskdp.strategies import Generation
 
 logger = logging.getLogger(__name__)
 
@@ -63,22 +64,12 @@ class GangMode:
 
     straggler_timeout: float
 
-    def run(
-        self,
-        client: Client,
-        plan: Plan,
-        plugin: EnginePlugin,
-        request: GenerationRequest,
-        output: str,
-        *,
-        startup_timeout: float,
-        deadline: float | None,
-        progress: TextIO | None,
-    ) -> pd.DataFrame:
+    def run(self, generation: Generation) -> pd.DataFrame:
         """Generate the plan's chunks with the cluster's ``GPU`` workers as one gang (`run_gang`)."""
+        g = generation
         return run_gang(
-            client, plan, plugin, request, output, mode=self,
-            startup_timeout=startup_timeout, deadline=deadline, progress=progress,
+            g.client, g.plan, g.plugin, g.request, g.output, mode=self,
+            startup_timeout=g.startup_timeout, deadline=g.deadline, progress=g.progress,
         )  # fmt: skip
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 import dask
 import pandas as pd
@@ -23,9 +23,8 @@ if TYPE_CHECKING:
     from dask.typing import Key
     from distributed import Client, Future
 
-    from daskdp.engine.plugin import EnginePlugin
     from daskdp.engine.requests import GenerationRequest
-    from daskdp.plan import Plan
+    from daskdp.strategies import Generation
 
 IN_FLIGHT_PER_RANK = 2  # a rank's next partition waits on its worker, not on the client
 FOLLOW_INTERVAL = 5.0  # seconds between looks for workers that joined or left, or work to share
@@ -38,24 +37,20 @@ class Independent:
 
     planned_ranks: int
 
-    def run(
-        self,
-        client: Client,
-        plan: Plan,
-        plugin: EnginePlugin,
-        request: GenerationRequest,
-        output: str,
-        *,
-        startup_timeout: float,
-        deadline: float | None,
-        progress: TextIO | None,
-    ) -> pd.DataFrame:
+    def run(self, generation: Generation) -> pd.DataFrame:
         """Load the engines while the input is read and split, then generate the plan's chunks.
 
         Returns the chunk records of every partition.
         """
         from distributed import wait
 
+        client, plan, plugin, request = (
+            generation.client,
+            generation.plan,
+            generation.plugin,
+            generation.request,
+        )
+        startup_timeout = generation.startup_timeout
         ranks, partitions = load_engines(
             client,
             plugin,
@@ -75,10 +70,17 @@ class Independent:
             ) from None
         tensor_parallel_size = int(plugin.engine_args.get("tensor_parallel_size", 1))
         dispatcher = Dispatcher(
-            client, partitions, request, output, ranks, tensor_parallel_size, plan.mode, plugin.fingerprint
+            client,
+            partitions,
+            request,
+            generation.output,
+            ranks,
+            tensor_parallel_size,
+            plan.mode,
+            plugin.fingerprint,
         )
-        monitor = Monitor(client, request.run_id, plan.rows, progress, startup_timeout)
-        return monitor.wait(dispatcher, deadline)
+        monitor = Monitor(client, request.run_id, plan.rows, generation.progress, startup_timeout)
+        return monitor.wait(dispatcher, generation.deadline)
 
 
 class Dispatcher:
