@@ -290,6 +290,14 @@ def _storable(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(**columns)
 
 
+TEMPORARY = re.compile(r"\.(.+)\.tmp-[0-9a-f]{32}")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a file that ``_write_atomically`` was writing when its run stopped."""
+    return TEMPORARY.fullmatch(name) is not None
+
+
 def _write_atomically(fs, target: str, data: bytes | str) -> None:
     """Write to a hidden temporary name beside ``target``, then rename it into place."""
     directory, name = posixpath.split(target)
