@@ -93,6 +93,30 @@ def daskdp_cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedPr
     )
 
 
+def error_line(done, *needles: str, cluster_started: bool = False) -> str:
+    """Check a refused run and return its `daskdp: error:` line.
+
+    Runs that fail before a cluster starts must print exactly that one line on stderr. Runs that
+    start a cluster may have vLLM and worker log lines on stderr before it: there the error must
+    be the last non-empty line, and the only `daskdp:` line.
+    """
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output, output[-3000:]
+    assert done.returncode == 2, output[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines, "nothing on stderr"
+    line = lines[-1]
+    assert line.startswith("daskdp: error:"), output[-3000:]
+    if cluster_started:
+        assert [x for x in lines if x.startswith("daskdp:")] == [line], done.stderr[-3000:]
+    else:
+        assert lines == [line], done.stderr
+        assert done.stdout == ""
+    for needle in needles:
+        assert needle in line, f"{needle!r} not in {line!r}"
+    return line
+
+
 def read_results(path) -> pd.DataFrame:
     files = sorted(Path(path).glob("part-*.parquet"))
     assert files, f"no shards in {path}"

@@ -15,37 +15,13 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import daskdp_cli, read_results
+from conftest import daskdp_cli, error_line, read_results
 from daskdp.errors import UserError
 from daskdp.output.directory import output_lock
 
 pytestmark = pytest.mark.slow
 
 GOOD_PROMPTS = ["Write a haiku about rivers.", "Explain prime numbers to a child."]
-
-
-def error_line(done, *needles: str, cluster_started: bool = False) -> str:
-    """Check a refused run and return its `daskdp: error:` line.
-
-    Runs that fail before a cluster starts must print exactly that one line on stderr. Runs that
-    start a cluster may have vLLM and worker log lines on stderr before it: there the error must
-    be the last non-empty line, and the only `daskdp:` line.
-    """
-    output = done.stdout + done.stderr
-    assert "Traceback" not in output, output[-3000:]
-    assert done.returncode == 2, output[-3000:]
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert lines, "nothing on stderr"
-    line = lines[-1]
-    assert line.startswith("daskdp: error:"), output[-3000:]
-    if cluster_started:
-        assert [x for x in lines if x.startswith("daskdp:")] == [line], done.stderr[-3000:]
-    else:
-        assert lines == [line], done.stderr
-        assert done.stdout == ""
-    for needle in needles:
-        assert needle in line, f"{needle!r} not in {line!r}"
-    return line
 
 
 def write_jsonl(path, rows) -> None:
@@ -156,17 +132,21 @@ def test_config_file_with_invalid_yaml(tmp_path, good_input):
 
 
 def test_non_empty_output_without_resume_or_overwrite(tmp_path, good_input):
-    """Results of an earlier run are kept unless --resume or --overwrite is given; the message
-    names both; --resume without a manifest to resume from is refused too."""
+    """Results of an earlier run (its manifest and the chunks it names) are kept unless --resume
+    or --overwrite is given; the message names both; a resume whose settings differ is refused."""
     out = tmp_path / "out"
     out.mkdir()
-    earlier = {"part-000000.parquet": b"earlier shard", "_summary.json": b'{"rows": 2}\n'}
+    earlier = {
+        "_manifest.json": json.dumps({"version": 1, "rows": 2, "chunks": 1, "settings": {}}).encode(),
+        "part-000000.parquet": b"earlier shard",
+        "_summary.json": b'{"rows": 2}\n',
+    }
     for name, content in earlier.items():
         (out / name).write_bytes(content)
     done = daskdp_cli("run", good_input, "-o", out)
     error_line(done, str(out), "earlier run", "--resume", "--overwrite")
     done = daskdp_cli("run", good_input, "-o", out, "--resume")
-    error_line(done, str(out), "no daskdp manifest", "--overwrite", cluster_started=True)
+    error_line(done, f"cannot resume {out}", "--overwrite")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -131,6 +132,14 @@ def _storable(frame: pd.DataFrame) -> pd.DataFrame:
             except (pa.ArrowTypeError, pa.ArrowInvalid):
                 columns[name] = frame[name].map(str, na_action="ignore").astype("string")
     return frame.assign(**columns)
+
+
+TEMPORARY = re.compile(r"\.(.+)\.tmp-[0-9a-f]{32}")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a file that ``write_atomically`` was writing when its run stopped."""
+    return TEMPORARY.fullmatch(name) is not None
 
 
 def write_atomically(fs, target: str, data: bytes | str) -> None:

@@ -12,7 +12,9 @@ from collections.abc import Iterator
 
 from daskdp.errors import UserError
 from daskdp.inputs.read import COMPRESSIONS, FORMATS
-from daskdp.output.schema import CHUNKS_DIR, MANIFEST_FILE, REPORT_FILE, SUMMARY_FILE
+from daskdp.output.chunks import is_temporary, read_records
+from daskdp.output.manifest import read_manifest
+from daskdp.output.schema import CHUNK_FILE, CHUNKS_DIR, MANIFEST_FILE, REPORT_FILE, SUMMARY_FILE
 
 
 def default_output(source: str) -> str:
@@ -30,7 +32,8 @@ def default_output(source: str) -> str:
 
 
 def check_output(output: str, resume: bool, overwrite: bool) -> None:
-    """Refuse an output that is a file, holds other files, or holds results without a flag."""
+    """Refuse an output that is a file, holds files daskdp did not write, or holds the results
+    of an earlier run without ``--resume`` or ``--overwrite``."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(output)
@@ -38,18 +41,37 @@ def check_output(output: str, resume: bool, overwrite: bool) -> None:
         return
     if not fs.isdir(path):
         raise UserError(f"output {output} is a file, not a directory; choose another -o/--output")
-    entries = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
-    foreign = [e for e in entries if not _is_daskdp_file(e)]
+    owned, foreign = daskdp_entries(fs, path)
     if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise UserError(
-            f"output directory {output} holds files daskdp did not write ({', '.join(foreign[:3])}); "
-            "choose another -o/--output"
+            f"output directory {output} holds files that no daskdp run wrote ({shown}); "
+            "daskdp never deletes them: choose another -o/--output, or move them away"
         )
-    if entries and not (resume or overwrite):
+    if read_manifest(output) is not None and not (resume or overwrite):
         raise UserError(
             f"output directory {output} holds the results of an earlier run; pass --resume to "
             "continue it, --overwrite to replace it, or choose another -o/--output"
         )
+
+
+def daskdp_entries(fs, path: str) -> tuple[list[str], list[str]]:
+    """The entries of the directory ``path``: those a daskdp run wrote, and all others.
+
+    A run writes its manifest, the chunk files it names (by chunk record, or by their number
+    below the manifest's chunk count: a chunk's file is written before its record), the
+    summary, the report, ``_chunks/`` and hidden temporary files beside each of them. Without a
+    manifest, only leftovers of a run that stopped before writing one are daskdp's.
+    """
+    entries = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    manifest = read_manifest(fs.unstrip_protocol(path))
+    names = {CHUNKS_DIR}
+    if manifest is not None:
+        names |= {MANIFEST_FILE, SUMMARY_FILE, REPORT_FILE}
+        names |= {CHUNK_FILE.format(c) for c in range(int(manifest.get("chunks", 0)))}
+        names |= {record["file"] for record in read_records(fs.unstrip_protocol(path)).values()}
+    owned = [e for e in entries if e in names or is_temporary(e)]
+    return owned, [e for e in entries if e not in owned]
 
 
 @contextlib.contextmanager
@@ -57,16 +79,14 @@ def output_lock(output: str) -> Iterator[None]:
     """Hold ``output`` for this run; refuse it while another run on this host holds it.
 
     Two runs writing one directory would overwrite each other's chunks and manifest. The lock
-    is a file in the temporary directory named after the output's URL, held with ``filelock``:
-    the system releases it when its process ends, killed or not (a killed run leaves the empty
-    file, which the next run takes). Runs on other hosts writing one shared directory are not
-    seen.
+    is a file in the temporary directory named after the output's resolved path (so a symlink,
+    ``dir//.`` and ``dir`` are one directory), held with ``filelock``: the system releases it
+    when its process ends, killed or not (a killed run leaves the empty file, which the next
+    run takes). Runs on other hosts writing one shared directory are not seen.
     """
     import filelock
-    import fsspec
 
-    fs, path = fsspec.core.url_to_fs(output)
-    key = hashlib.sha256(fs.unstrip_protocol(path).encode()).hexdigest()[:16]
+    key = hashlib.sha256(resolved(output).encode()).hexdigest()[:16]
     lock = filelock.FileLock(os.path.join(tempfile.gettempdir(), f"daskdp-output-{key}.lock"))
     try:
         lock.acquire(timeout=0)
@@ -83,6 +103,17 @@ def output_lock(output: str) -> Iterator[None]:
         lock.release()
 
 
+def resolved(output: str) -> str:
+    """One name for every spelling of the directory ``output``: symlinks and ``.`` resolved."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(output)
+    if isinstance(fs, LocalFileSystem):
+        return os.path.realpath(path)
+    return fs.unstrip_protocol(posixpath.normpath(path))
+
+
 def has_results(output: str) -> bool:
     import fsspec
 
@@ -91,16 +122,11 @@ def has_results(output: str) -> bool:
 
 
 def clear_output(output: str) -> None:
-    """Remove the results of an earlier run (``check_output`` allowed them)."""
+    """Remove what earlier daskdp runs wrote in ``output`` (``check_output`` refused the rest)."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(output)
     if fs.exists(path):
-        for entry in fs.ls(path, detail=False):
-            fs.rm(entry, recursive=True)
-
-
-def _is_daskdp_file(name: str) -> bool:
-    if name in (SUMMARY_FILE, REPORT_FILE, MANIFEST_FILE, CHUNKS_DIR):
-        return True
-    return name.lstrip(".").startswith("part-") and ".parquet" in name
+        owned, _ = daskdp_entries(fs, path)
+        for entry in owned:
+            fs.rm(posixpath.join(path, entry), recursive=True)
