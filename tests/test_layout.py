@@ -102,3 +102,15 @@ def test_a_cycle_is_found(tmp_path, where):
     assert cycles(graph) == [] and graph["daskdp.sub.high"] == {"daskdp.low", "daskdp.sub.other"}
     (package / "low.py").write_text(closing)
     assert cycles(import_graph(package)) == [["daskdp.low", "daskdp.sub.high"]]
+
+
+def test_architecture_names_every_module():
+    """docs/architecture.md gives each module its one job; a module added or moved is named there."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "__main__.py":
+            continue
+        shown = path.relative_to(PACKAGE).as_posix()
+        assert f"`{shown}`" in text or f"`daskdp/{shown}`" in text, (
+            f"docs/architecture.md does not name {shown}"
+        )
