@@ -118,15 +118,20 @@ class Prompts:
         input that is empty or cannot be read.
         """
         columns = self.input_config["prompt-column"], self.input_config["messages-column"]
+        id_column = self.input_config["id-column"]
         try:
-            surveyed = self.frame.map_partitions(_survey, columns, max_tokens, meta=_SURVEY_META).compute()
+            surveyed = self.frame.map_partitions(
+                _survey, columns, id_column, max_tokens, meta=_SURVEY_META
+            ).compute()
         except Exception as e:
             raise UserError(unreadable(self.source, self.format, e)) from None
         lengths = [int(n) for n in surveyed["rows"]]
         if not sum(lengths):
             raise UserError(f"{self.source} has no rows; there is nothing to generate")
-        fingerprint = hashlib.sha256("\n".join(surveyed["digest"]).encode()).hexdigest()
         starts = np.cumsum([0, *lengths[:-1]])
+        if id_column in self.frame.columns:
+            self.check_ids(starts, surveyed, id_column)
+        fingerprint = hashlib.sha256("\n".join(surveyed["digest"]).encode()).hexdigest()
         prefixed = np.concatenate(
             [start + rows for start, rows in zip(starts, surveyed["prefixed"], strict=True)]
         )
@@ -138,18 +143,56 @@ class Prompts:
             np.concatenate(list(surveyed["prefix_keys"])),
         )
 
+    def check_ids(self, starts: np.ndarray, surveyed: pd.DataFrame, id_column: str) -> None:
+        """Refuse null or repeated ids, naming the first rows (by input position) that have them.
+
+        Every output row must be found by its id exactly once; a null or a repeated id makes
+        that impossible to check.
+        """
+        nulls = np.concatenate(
+            [start + rows for start, rows in zip(starts, surveyed["null_ids"], strict=True)]
+        )
+        if len(nulls):
+            shown = ", ".join(map(str, nulls[:5])) + (
+                f" and {len(nulls) - 5:,} more" if len(nulls) > 5 else ""
+            )
+            raise UserError(
+                f"column '{id_column}' of {self.source} is null in row {shown} (rows counted from 0); "
+                "give every row an id, or drop the column to number the rows by position"
+            )
+        hashes = np.concatenate(list(surveyed["id_hashes"]))
+        _, first, counts = np.unique(hashes, return_index=True, return_counts=True)
+        if (counts > 1).any():
+            repeated = hashes[np.sort(first[counts > 1])[0]]
+            rows = np.flatnonzero(hashes == repeated)
+            value = self.row(int(rows[0]), id_column, starts)
+            more = len(first[counts > 1]) - 1
+            raise UserError(
+                f"column '{id_column}' of {self.source} repeats the id {value!r} in rows "
+                + ", ".join(map(str, rows[:5]))
+                + (f" (and {more:,} other ids repeat)" if more else "")
+                + "; ids must be unique: fix them, or drop the column to number the rows by position"
+            )
+
+    def row(self, position: int, column: str, starts: np.ndarray) -> Any:
+        """The value of ``column`` in the row at input ``position``, read from its partition."""
+        partition = int(np.searchsorted(starts, position, side="right") - 1)
+        values = self.frame.get_partition(partition)[column].compute()
+        return values.iloc[position - int(starts[partition])]
+
 
 _SURVEY_META = pd.DataFrame(
     {
         name: pd.Series(dtype="int64" if name == "rows" else object)
-        for name in ("rows", "digest", "costs", "prefixed", "prefix_keys")
+        for name in ("rows", "digest", "costs", "prefixed", "prefix_keys", "null_ids", "id_hashes")
     }
 )
 
 
-def _survey(part: pd.DataFrame, columns: tuple[str, str], max_tokens: int) -> pd.DataFrame:
+def _survey(part: pd.DataFrame, columns: tuple[str, str], id_column: str, max_tokens: int) -> pd.DataFrame:
     """One partition's row count, a digest of its rows (index ignored, order kept), its rows'
-    costs, and the positions and prefix keys of those with a long prefix."""
+    costs, the positions and prefix keys of those with a long prefix, and its ids: the
+    positions of null ones and a hash of each (as text: ``1`` and ``"1"`` are one id)."""
     hashable = part.assign(
         **{
             name: part[name].map(repr)  # chat messages are lists, which pandas cannot hash
@@ -160,6 +203,11 @@ def _survey(part: pd.DataFrame, columns: tuple[str, str], max_tokens: int) -> pd
     hashes = pd.util.hash_pandas_object(hashable, index=False).to_numpy()
     digest = hashlib.sha256(",".join(map(str, part.columns)).encode() + hashes.tobytes()).hexdigest()
     prefixed, keys = prefix_keys(part, columns)
+    null_ids, id_hashes = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
+    if id_column in part:
+        ids = part[id_column]
+        null_ids = np.flatnonzero(ids.isna().to_numpy())
+        id_hashes = pd.util.hash_array(ids.map(str).to_numpy(dtype=object))
     return pd.DataFrame(
         {
             "rows": [len(part)],
@@ -167,6 +215,8 @@ def _survey(part: pd.DataFrame, columns: tuple[str, str], max_tokens: int) -> pd
             "costs": [row_costs(part, columns, max_tokens)],
             "prefixed": [prefixed],
             "prefix_keys": [keys],
+            "null_ids": [null_ids],
+            "id_hashes": [id_hashes],
         }
     )
 
@@ -269,12 +319,86 @@ def _read(source: str, fmt: str, input_config: dict[str, Any]) -> dd.DataFrame:
 
 
 def unreadable(source: str, fmt: str, error: BaseException) -> str:
-    """The one-line message for input that cannot be read as its name says."""
+    """The one-line message for input that cannot be read as its name says.
+
+    Readers name a byte offset or nothing at all; where the cause is one bad line of JSON
+    Lines or one string that is not UTF-8, the message names its file and line or row.
+    """
     while error.__cause__ is not None:  # Dask wraps the reader's own error
         error = error.__cause__
+    found = None
+    try:
+        if fmt == "jsonl":
+            found = first_bad_json_line(source)
+        elif fmt == "parquet" and ("Wrapping" in str(error) or isinstance(error, UnicodeDecodeError)):
+            found = first_invalid_utf8(source)
+    except Exception:  # the diagnosis is a courtesy: the reader's own reason still stands
+        found = None
+    if found:
+        return found
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     names = {"parquet": "Parquet", "jsonl": "JSON Lines", "csv": "CSV"}
     return f"cannot read {source} as {names[fmt]} ({reason[:200]}); check that the file is what its name says"
+
+
+def _files(source: str) -> list[tuple[Any, str]]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(source)
+    paths = fs.glob(path) if fsspec.core.has_magic(path) else [path]
+    files = []
+    for found in paths:
+        files += [(fs, p) for p in (fs.find(found) if fs.isdir(found) else [found])]
+    return files
+
+
+def first_bad_json_line(source: str) -> str | None:
+    """The first line of the JSON Lines input ``source`` that is not a JSON object, in words."""
+    import fsspec
+
+    for fs, path in _files(source):
+        with fsspec.open(fs.unstrip_protocol(path), "rb", compression="infer") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except UnicodeDecodeError:
+                    return f"line {number} of {path} is not valid UTF-8; fix or remove that line"
+                except ValueError as e:
+                    return f"line {number} of {path} is not valid JSON ({e}); fix or remove that line"
+                if not isinstance(row, dict):
+                    return (
+                        f"line {number} of {path} is a JSON {type(row).__name__}, not an object "
+                        '{"prompt": ...}; fix or remove that line'
+                    )
+    return None
+
+
+def first_invalid_utf8(source: str) -> str | None:
+    """The first string of the Parquet input ``source`` that is not valid UTF-8, in words."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for fs, path in _files(source):
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            names = [field.name for field in parquet.schema_arrow if pa.types.is_string(field.type)]
+            offset = 0
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group, columns=names)
+                for name in names:
+                    for position, value in enumerate(table.column(name).cast(pa.binary()).to_pylist()):
+                        try:
+                            value is None or value.decode("utf-8")
+                        except UnicodeDecodeError:
+                            return (
+                                f"row {offset + position} of {path} (counted from 0) holds text that is "
+                                f"not valid UTF-8 in column '{name}'; fix that row, or store the column "
+                                "as binary"
+                            )
+                offset += table.num_rows
+    return None
 
 
 def check_columns(meta: pd.DataFrame, source: str, input_config: dict[str, Any]) -> None:
@@ -398,10 +522,9 @@ def check_output(output: str, resume: bool, overwrite: bool) -> None:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(output)
+    check_writable(fs, path, output)
     if not fs.exists(path):
         return
-    if not fs.isdir(path):
-        raise UserError(f"output {output} is a file, not a directory; choose another -o/--output")
     owned, foreign = daskdp_entries(fs, path)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -414,6 +537,31 @@ def check_output(output: str, resume: bool, overwrite: bool) -> None:
             f"output directory {output} holds the results of an earlier run; pass --resume to "
             "continue it, --overwrite to replace it, or choose another -o/--output"
         )
+
+
+def check_writable(fs, path: str, output: str) -> None:
+    """Refuse a local output that cannot be made or written (a read-only mount, a path under
+    a regular file), before a cluster starts for it; nothing is created here."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if fs.exists(path) and not fs.isdir(path):
+        raise UserError(f"output {output} is a file, not a directory; choose another -o/--output")
+    if not isinstance(fs, LocalFileSystem):
+        return  # object stores: the first write tells
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(
+            f"cannot create output {output}: {existing} is a file, not a directory; choose another -o/--output"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".daskdp-probe-"):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"cannot write output {output} ({e.strerror or e} in {existing}); choose another -o/--output"
+        ) from None
 
 
 def daskdp_entries(fs, path: str) -> tuple[list[str], list[str]]:
