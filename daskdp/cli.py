@@ -213,15 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         if e.summary is not None:
             finish(e.summary)
         print(f"daskdp: run failed: {e}", file=sys.stderr)
-        if e.resumable:
+        if e.resumable and has_manifest(args):
             print(f"daskdp: finished chunks are kept; continue with: {continuation(argv)}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Terminated) as e:
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-        print(
-            f"daskdp: stopped by {name}; finished chunks are kept; continue with: {continuation(argv)}",
-            file=sys.stderr,
-        )
+        if has_manifest(args):
+            print(
+                f"daskdp: stopped by {name}; finished chunks are kept; continue with: {continuation(argv)}",
+                file=sys.stderr,
+            )
+        else:
+            print(f"daskdp: stopped by {name} before anything was written", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finish(summary)
     return 0
@@ -241,6 +244,17 @@ def finish(summary: dict) -> None:
             f"daskdp: the report could not be written ({e}); try `daskdp report {summary['output']}`",
             file=sys.stderr,
         )
+
+
+def has_manifest(args: argparse.Namespace) -> bool:
+    """Whether the run's output holds a manifest, so that ``--resume`` has something to continue."""
+    from daskdp.output.directory import default_output
+    from daskdp.output.manifest import read_manifest
+
+    try:
+        return read_manifest(args.output or default_output(args.prompts)) is not None
+    except Exception:  # an output that cannot even be looked at has nothing to resume
+        return False
 
 
 def continuation(argv: list[str]) -> str:

@@ -94,3 +94,173 @@ def test_overwrite_deletes_only_what_daskdp_wrote(tmp_path, good_input):
     rows = read_results(out)
     assert sorted(rows["id"]) == [f"r{i}" for i in range(6)]
     assert json.loads((out / "_summary.json").read_text())["rows"] == 6
+
+
+# Ids -------------------------------------------------------------------------------------------
+
+
+def test_null_ids_are_refused_before_anything_is_written(tmp_path):
+    source = tmp_path / "prompts.jsonl"
+    rows = [{"id": f"r{i}", "prompt": f"Question {i}?"} for i in range(20)]
+    rows[10]["id"] = None
+    rows[14]["id"] = None
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = daskdp_cli("run", source, "-o", tmp_path / "out")
+    error_line(done, "column 'id'", "null in row 10, 14", "give every row an id", cluster_started=True)
+    assert not (tmp_path / "out").exists()
+    assert "continue with" not in done.stderr
+
+
+def test_repeated_ids_are_refused_before_anything_is_written(tmp_path):
+    source = tmp_path / "prompts.parquet"
+    ids = [f"r{i}" for i in range(200)]
+    ids[150] = "r7"
+    pd.DataFrame({"id": ids, "prompt": [f"Question {i}?" for i in range(200)]}).to_parquet(source)
+    done = daskdp_cli("run", source, "-o", tmp_path / "out")
+    error_line(done, "repeats the id 'r7' in rows 7, 150", "unique", cluster_started=True)
+    assert not (tmp_path / "out").exists()
+
+
+# Text that is not UTF-8, JSON that is not JSON -------------------------------------------------
+
+
+def test_text_that_is_not_utf8_is_named_by_its_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = tmp_path / "prompts.parquet"
+    texts = [f"Question {i}?".encode() for i in range(12)]
+    texts[9] = b"caf\xe9 au lait"  # Latin-1, not UTF-8
+    prompts = pa.array(texts, type=pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(12)], "prompt": prompts}), source)
+    done = daskdp_cli("run", source, "-o", tmp_path / "out")
+    line = error_line(done, "row 9", "not valid UTF-8", "'prompt'", cluster_started=True)
+    assert "Parquet" not in line  # not "check that the file is what its name says"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_malformed_json_line_is_named_by_its_number(tmp_path, compressed):
+    import gzip
+
+    lines = [json.dumps({"prompt": f"Question {i}?"}) for i in range(30)]
+    lines[22] = '{"prompt": "unterminated}'
+    text = "\n".join(lines) + "\n"
+    source = tmp_path / ("prompts.jsonl.gz" if compressed else "prompts.jsonl")
+    source.write_bytes(gzip.compress(text.encode()) if compressed else text.encode())
+    done = daskdp_cli("run", source, "-o", tmp_path / "out")
+    error_line(done, "line 23 of", "not valid JSON", cluster_started=True)
+
+
+# An output that cannot be written --------------------------------------------------------------
+
+
+def test_an_output_under_a_regular_file_is_refused_before_a_cluster_starts(tmp_path, good_input):
+    (tmp_path / "plain.txt").write_text("a file")
+    done = daskdp_cli("run", good_input, "-o", tmp_path / "plain.txt" / "out")
+    error_line(done, "cannot create output", "is a file", "-o/--output")
+
+
+def test_a_read_only_output_is_refused_before_a_cluster_starts(tmp_path, good_input):
+    mount = read_only_mount(tmp_path / "ro")
+    done = daskdp_cli("run", good_input, "-o", mount / "out")
+    error_line(done, "cannot write output", "Read-only file system", "-o/--output")
+
+
+def read_only_mount(path):
+    import subprocess
+
+    path.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    unmount_at_exit(path)
+    return path
+
+
+def unmount_at_exit(path):
+    import atexit
+    import subprocess
+
+    atexit.register(subprocess.run, ["umount", "-l", str(path)], capture_output=True)
+
+
+# A scheduler address where something else listens ----------------------------------------------
+
+
+@pytest.fixture
+def http_server():
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"tcp://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture
+def silent_server():
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody answers
+    yield f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+def test_an_http_server_is_not_a_dask_scheduler(tmp_path, good_input, http_server):
+    """An HTTP server waits for a request, where a Dask scheduler speaks first."""
+    env = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3"}
+    done = daskdp_cli("run", good_input, "-o", tmp_path / "out", "--scheduler-address", http_server, env=env)
+    line = error_line(done, http_server, "--scheduler-address")
+    assert "did not answer within 3 s" in line or "is not a Dask scheduler" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_server_that_speaks_another_protocol_is_not_a_dask_scheduler(tmp_path, good_input):
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def greet():
+        connection, _ = listener.accept()
+        connection.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+        connection.close()
+
+    threading.Thread(target=greet, daemon=True).start()
+    address = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    done = daskdp_cli("run", good_input, "-o", tmp_path / "out", "--scheduler-address", address)
+    error_line(done, address, "is not a Dask scheduler", "--scheduler-address")
+    listener.close()
+
+
+def test_a_silent_server_is_given_up_on(tmp_path, good_input, silent_server):
+    env = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3"}
+    done = daskdp_cli(
+        "run", good_input, "-o", tmp_path / "out", "--scheduler-address", silent_server, env=env
+    )
+    error_line(done, silent_server, "did not answer within 3 s")
+
+
+def test_sigterm_before_anything_is_written_prints_no_resume_line(tmp_path, good_input, silent_server):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daskdp", "run", str(good_input), "-o", str(tmp_path / "out")]
+        + ["--scheduler-address", silent_server],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(4)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "continue with" not in stderr and "--resume" not in stderr, stderr[-3000:]
+    assert "before anything was written" in stderr
+    assert not (tmp_path / "out").exists()

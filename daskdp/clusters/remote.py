@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import socket
 import ssl
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import dask.config
 from dask.utils import parse_timedelta
 from distributed import Client
 from distributed.comm import CommClosedError
-from distributed.comm.addressing import parse_address
+from distributed.comm.addressing import parse_address, parse_host_port
 from distributed.security import Security
 
 from daskdp.errors import UserError, exception_chain
@@ -148,6 +150,53 @@ def _passphrase_protected(key: str) -> bool:
     return bool(re.search(r"^-----BEGIN ENCRYPTED|^Proc-Type: 4,ENCRYPTED", text, re.MULTILINE))
 
 
+def check_scheduler(address: str, security: Security, timeout: float) -> None:
+    """Refuse an address where something other than a Dask scheduler listens.
+
+    ``Client`` waits for the scheduler's handshake without a limit (a server that accepts and
+    stays silent holds it forever) and reads whatever comes back as Dask frames (an HTTP
+    server's answer becomes a length of exabytes). A Dask scheduler speaks first: the length
+    of its handshake, as soon as it accepts. One connection made here reads those 8 bytes
+    within ``timeout``. Connection errors (``OSError``) are left to the caller.
+    """
+    scheme, location = parse_address(address)
+    if scheme not in ("tcp", "tls"):
+        return
+    host, port = parse_host_port(location)
+    # Loading the client's own files fails here, before any connection, as in Client.
+    context = security.get_connection_args("client")["ssl_context"] if scheme == "tls" else None
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        raw.settimeout(timeout)
+        try:
+            first = _first_bytes(raw, 8, context, host)
+        except TimeoutError:
+            raise UserError(
+                f"{address} did not answer within {timeout:g} s, as a Dask scheduler does at once; "
+                "check --scheduler-address (distributed.comm.timeouts.connect sets the wait)"
+            ) from None
+        except ssl.SSLError as e:  # reached, and refused: as Client reports it
+            raise CommClosedError(str(e)) from e
+    if len(first) < 8 or struct.unpack("<Q", first)[0] > MAX_HANDSHAKE_BYTES:
+        raise UserError(
+            f"{address} is not a Dask scheduler (it answered {first[:8]!r}); check --scheduler-address"
+        )
+
+
+MAX_HANDSHAKE_BYTES = 1 << 24
+
+
+def _first_bytes(raw: socket.socket, count: int, context: ssl.SSLContext | None, host: str) -> bytes:
+    """Up to ``count`` bytes the server sends first, over TLS when a ``context`` is given."""
+    connection = raw if context is None else context.wrap_socket(raw, server_hostname=host)
+    first = b""
+    while len(first) < count:
+        received = connection.recv(count - len(first))
+        if not received:
+            break
+        first += received
+    return first
+
+
 def connect_scheduler(cluster_config: dict[str, Any], address: str) -> Client:
     """A client on the running scheduler at ``address``.
 
@@ -159,6 +208,8 @@ def connect_scheduler(cluster_config: dict[str, Any], address: str) -> Client:
     if cluster_config.get("startup-timeout"):
         timeout = min(timeout, cluster_config["startup-timeout"])
     try:
+        if security is not None:  # else a configured security-loader gives Client its own
+            check_scheduler(address, security, timeout)
         return Client(address, security=security, timeout=timeout)
     except OSError as e:
         raise UserError(_connect_error(address, e, security, named)) from None

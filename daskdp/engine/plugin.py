@@ -37,6 +37,7 @@ def dask_setup(worker: Worker) -> None:
     tempfile.tempdir = None  # a forkserver that imported vLLM chose it, before TMPDIR was set
     threading.Thread(target=import_vllm_ahead, name="daskdp-import-vllm", daemon=True).start()
     logging.getLogger("distributed.worker").addFilter(_heartbeat_without_traceback)
+    logging.getLogger("distributed.worker").addFilter(_no_compute_failed_block)
     logging.getLogger("distributed.worker.state_machine").addFilter(_not_a_task_stopped_by_close)
 
 
@@ -50,6 +51,15 @@ def _heartbeat_without_traceback(record: logging.LogRecord) -> bool:
     if record.getMessage().startswith("Failed to communicate with scheduler during heartbeat"):
         record.exc_info = record.exc_text = None
     return True
+
+
+def _no_compute_failed_block(record: logging.LogRecord) -> bool:
+    """Drop the worker's ``Compute Failed`` block, traceback and all.
+
+    Every task on a rank is daskdp's, and the client reports each failure in one line (bad
+    input, or the partition that failed); the block would land in the user's terminal first.
+    """
+    return not record.getMessage().startswith("Compute Failed")
 
 
 def _not_a_task_stopped_by_close(record: logging.LogRecord) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -60,17 +61,20 @@ class Prompts:
         input that is empty or cannot be read.
         """
         columns = self.input_config["prompt-column"], self.input_config["messages-column"]
+        id_column = self.input_config["id-column"]
         try:
             surveyed = self.frame.map_partitions(
-                survey_partition, columns, max_tokens, meta=SURVEY_META
+                survey_partition, columns, id_column, max_tokens, meta=SURVEY_META
             ).compute()
         except Exception as e:
             raise UserError(unreadable(self.source, self.format, e)) from None
         lengths = [int(n) for n in surveyed["rows"]]
         if not sum(lengths):
             raise UserError(f"{self.source} has no rows; there is nothing to generate")
-        fingerprint = hashlib.sha256("\n".join(surveyed["digest"]).encode()).hexdigest()
         starts = np.cumsum([0, *lengths[:-1]])
+        if id_column in self.frame.columns:
+            self.check_ids(starts, surveyed, id_column)
+        fingerprint = hashlib.sha256("\n".join(surveyed["digest"]).encode()).hexdigest()
         prefixed = np.concatenate(
             [start + rows for start, rows in zip(starts, surveyed["prefixed"], strict=True)]
         )
@@ -81,6 +85,43 @@ class Prompts:
             prefixed,
             np.concatenate(list(surveyed["prefix_keys"])),
         )
+
+    def check_ids(self, starts: np.ndarray, surveyed: pd.DataFrame, id_column: str) -> None:
+        """Refuse null or repeated ids, naming the first rows (by input position) that have them.
+
+        Every output row must be found by its id exactly once; a null or a repeated id makes
+        that impossible to check.
+        """
+        nulls = np.concatenate(
+            [start + rows for start, rows in zip(starts, surveyed["null_ids"], strict=True)]
+        )
+        if len(nulls):
+            shown = ", ".join(map(str, nulls[:5])) + (
+                f" and {len(nulls) - 5:,} more" if len(nulls) > 5 else ""
+            )
+            raise UserError(
+                f"column '{id_column}' of {self.source} is null in row {shown} (rows counted from 0); "
+                "give every row an id, or drop the column to number the rows by position"
+            )
+        hashes = np.concatenate(list(surveyed["id_hashes"]))
+        _, first, counts = np.unique(hashes, return_index=True, return_counts=True)
+        if (counts > 1).any():
+            repeated = hashes[np.sort(first[counts > 1])[0]]
+            rows = np.flatnonzero(hashes == repeated)
+            value = self.row(int(rows[0]), id_column, starts)
+            more = len(first[counts > 1]) - 1
+            raise UserError(
+                f"column '{id_column}' of {self.source} repeats the id {value!r} in rows "
+                + ", ".join(map(str, rows[:5]))
+                + (f" (and {more:,} other ids repeat)" if more else "")
+                + "; ids must be unique: fix them, or drop the column to number the rows by position"
+            )
+
+    def row(self, position: int, column: str, starts: np.ndarray) -> Any:
+        """The value of ``column`` in the row at input ``position``, read from its partition."""
+        partition = int(np.searchsorted(starts, position, side="right") - 1)
+        values = self.frame.get_partition(partition)[column].compute()
+        return values.iloc[position - int(starts[partition])]
 
 
 def read_prompts(source: str, input_config: dict[str, Any]) -> Prompts:
@@ -140,10 +181,85 @@ def _read(source: str, fmt: str, input_config: dict[str, Any]) -> dd.DataFrame:
 
 
 def unreadable(source: str, fmt: str, error: BaseException) -> str:
-    """The one-line message for input that cannot be read as its name says."""
-    reason = first_line(exception_chain(error, context=False)[-1])  # Dask wraps the reader's own error
+    """The one-line message for input that cannot be read as its name says.
+
+    Readers name a byte offset or nothing at all; where the cause is one bad line of JSON
+    Lines or one string that is not UTF-8, the message names its file and line or row.
+    """
+    error = exception_chain(error, context=False)[-1]  # Dask wraps the reader's own error
+    found = None
+    try:
+        if fmt == "jsonl":
+            found = first_bad_json_line(source)
+        elif fmt == "parquet" and ("Wrapping" in str(error) or isinstance(error, UnicodeDecodeError)):
+            found = first_invalid_utf8(source)
+    except Exception:  # the diagnosis is a courtesy: the reader's own reason still stands
+        found = None
+    if found:
+        return found
+    reason = first_line(error)
     names = {"parquet": "Parquet", "jsonl": "JSON Lines", "csv": "CSV"}
     return f"cannot read {source} as {names[fmt]} ({reason[:200]}); check that the file is what its name says"
+
+
+def _files(source: str) -> list[tuple[Any, str]]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(source)
+    paths = fs.glob(path) if fsspec.core.has_magic(path) else [path]
+    files = []
+    for found in paths:
+        files += [(fs, p) for p in (fs.find(found) if fs.isdir(found) else [found])]
+    return files
+
+
+def first_bad_json_line(source: str) -> str | None:
+    """The first line of the JSON Lines input ``source`` that is not a JSON object, in words."""
+    import fsspec
+
+    for fs, path in _files(source):
+        with fsspec.open(fs.unstrip_protocol(path), "rb", compression="infer") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except UnicodeDecodeError:
+                    return f"line {number} of {path} is not valid UTF-8; fix or remove that line"
+                except ValueError as e:
+                    return f"line {number} of {path} is not valid JSON ({e}); fix or remove that line"
+                if not isinstance(row, dict):
+                    return (
+                        f"line {number} of {path} is a JSON {type(row).__name__}, not an object "
+                        '{"prompt": ...}; fix or remove that line'
+                    )
+    return None
+
+
+def first_invalid_utf8(source: str) -> str | None:
+    """The first string of the Parquet input ``source`` that is not valid UTF-8, in words."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for fs, path in _files(source):
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            names = [field.name for field in parquet.schema_arrow if pa.types.is_string(field.type)]
+            offset = 0
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group, columns=names)
+                for name in names:
+                    for position, value in enumerate(table.column(name).cast(pa.binary()).to_pylist()):
+                        try:
+                            value is None or value.decode("utf-8")
+                        except UnicodeDecodeError:
+                            return (
+                                f"row {offset + position} of {path} (counted from 0) holds text that is "
+                                f"not valid UTF-8 in column '{name}'; fix that row, or store the column "
+                                "as binary"
+                            )
+                offset += table.num_rows
+    return None
 
 
 def check_columns(meta: pd.DataFrame, source: str, input_config: dict[str, Any]) -> None:

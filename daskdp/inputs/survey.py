@@ -66,14 +66,17 @@ class Survey:
 SURVEY_META = pd.DataFrame(
     {
         name: pd.Series(dtype="int64" if name == "rows" else object)
-        for name in ("rows", "digest", "costs", "prefixed", "prefix_keys")
+        for name in ("rows", "digest", "costs", "prefixed", "prefix_keys", "null_ids", "id_hashes")
     }
 )
 
 
-def survey_partition(part: pd.DataFrame, columns: tuple[str, str], max_tokens: int) -> pd.DataFrame:
+def survey_partition(
+    part: pd.DataFrame, columns: tuple[str, str], id_column: str, max_tokens: int
+) -> pd.DataFrame:
     """One partition's row count, a digest of its rows (index ignored, order kept), its rows'
-    costs, and the positions and prefix keys of those with a long prefix."""
+    costs, the positions and prefix keys of those with a long prefix, and its ids: the
+    positions of null ones and a hash of each (as text: ``1`` and ``"1"`` are one id)."""
     hashable = part.assign(
         **{
             name: part[name].map(repr)  # chat messages are lists, which pandas cannot hash
@@ -84,6 +87,11 @@ def survey_partition(part: pd.DataFrame, columns: tuple[str, str], max_tokens: i
     hashes = pd.util.hash_pandas_object(hashable, index=False).to_numpy()
     digest = hashlib.sha256(",".join(map(str, part.columns)).encode() + hashes.tobytes()).hexdigest()
     prefixed, keys = prefix_keys(part, columns)
+    null_ids, id_hashes = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
+    if id_column in part:
+        ids = part[id_column]
+        null_ids = np.flatnonzero(ids.isna().to_numpy())
+        id_hashes = pd.util.hash_array(ids.map(str).to_numpy(dtype=object))
     return pd.DataFrame(
         {
             "rows": [len(part)],
@@ -91,6 +99,8 @@ def survey_partition(part: pd.DataFrame, columns: tuple[str, str], max_tokens: i
             "costs": [row_costs(part, columns, max_tokens)],
             "prefixed": [prefixed],
             "prefix_keys": [keys],
+            "null_ids": [null_ids],
+            "id_hashes": [id_hashes],
         }
     )
 

@@ -37,10 +37,9 @@ def check_output(output: str, resume: bool, overwrite: bool) -> None:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(output)
+    check_writable(fs, path, output)
     if not fs.exists(path):
         return
-    if not fs.isdir(path):
-        raise UserError(f"output {output} is a file, not a directory; choose another -o/--output")
     owned, foreign = daskdp_entries(fs, path)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -53,6 +52,31 @@ def check_output(output: str, resume: bool, overwrite: bool) -> None:
             f"output directory {output} holds the results of an earlier run; pass --resume to "
             "continue it, --overwrite to replace it, or choose another -o/--output"
         )
+
+
+def check_writable(fs, path: str, output: str) -> None:
+    """Refuse a local output that cannot be made or written (a read-only mount, a path under
+    a regular file), before a cluster starts for it; nothing is created here."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if fs.exists(path) and not fs.isdir(path):
+        raise UserError(f"output {output} is a file, not a directory; choose another -o/--output")
+    if not isinstance(fs, LocalFileSystem):
+        return  # object stores: the first write tells
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(
+            f"cannot create output {output}: {existing} is a file, not a directory; choose another -o/--output"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".daskdp-probe-"):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"cannot write output {output} ({e.strerror or e} in {existing}); choose another -o/--output"
+        ) from None
 
 
 def daskdp_entries(fs, path: str) -> tuple[list[str], list[str]]:
