@@ -76,6 +76,7 @@ def nanny_environment() -> dict[str, str]:
     cost to generation (`daskdp.engine.engine.keep_buffers_on_heap`).
     """
     import dask.config
+    import distributed  # noqa: F401  (distributed's defaults join Dask's configuration)
 
     import daskdp.config  # noqa: F401  (daskdp's defaults join Dask's configuration)
 
