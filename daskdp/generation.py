@@ -82,6 +82,7 @@ class GenerationRequest:
     run_id: str = ""
     chunk_rows: int = 1024
     chunk_timeout: float | None = None
+    stall_timeout: float | None = None
     retries: int = 0
     progress_interval: float = 1.0
 
@@ -254,6 +255,7 @@ def generate_and_write(
         if number not in given and (wanted is None or number in wanted)
     ]
     report = ProgressReporter(get_worker(), request, partition, rank, sum(len(rows) for _, rows in mine))
+    report.send()  # started: from here the client expects progress (run.stall-timeout)
     todo, records = [], []
     for number, rows in mine:
         if number in written:
@@ -356,6 +358,7 @@ class ProgressReporter:
             "task": str(worker.get_current_task()),
             "partition": partition,
             "rank": rank,
+            "worker": worker.address,
             "total": total,
         }
         self.done = self.output_tokens = 0

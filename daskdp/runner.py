@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import math
 import os
+import signal
 import threading
 import time
 import uuid
@@ -130,6 +132,7 @@ def run(
                 run_id=uuid.uuid4().hex,
                 chunk_rows=layout.chunk_rows,
                 chunk_timeout=limits["chunk-timeout"],
+                stall_timeout=stall_timeout(limits),
                 retries=int(limits["retries"]),
                 progress_interval=limits["progress-interval"],
             )
@@ -232,6 +235,7 @@ BALANCED, DYNAMIC = "balanced", "dynamic"
 DYNAMIC_PARTITIONS_PER_RANK = 8
 IN_FLIGHT_PER_RANK = 2  # a rank's next partition waits on its worker, not on the client
 FOLLOW_INTERVAL = 5.0  # seconds between looks for workers that joined or left, or work to share
+ASK_TIMEOUT = 2.0  # seconds to wait for the ranks to answer about their queues and engines
 
 
 @dataclass
@@ -321,8 +325,17 @@ def generate(
     dispatcher = Dispatcher(
         client, partitions, request, output, ranks, tensor_parallel_size, plan.mode, plugin.fingerprint
     )
-    monitor = Monitor(client, request.run_id, plan.rows, progress, startup_timeout)
+    monitor = Monitor(client, request.run_id, plan.rows, progress, startup_timeout, request.stall_timeout)
     return monitor.wait(dispatcher, deadline)
+
+
+def stall_timeout(limits: dict[str, Any]) -> float | None:
+    """Seconds a rank may hold work without reporting progress: ``run.stall-timeout``, never
+    more than ``run.chunk-timeout`` when that is given."""
+    limit = limits.get("stall-timeout")
+    if limits.get("chunk-timeout") is not None:
+        limit = min(limit, limits["chunk-timeout"]) if limit is not None else limits["chunk-timeout"]
+    return float(limit) if limit is not None else None
 
 
 def gpu_workers(client: Client) -> list[str]:
@@ -428,7 +441,18 @@ class Dispatcher:
             return set()
         self.shared = time.monotonic()
         running = {future.key: future for future in self.assigned}
-        queued = self.client.run(queued_rows, list(running), workers=self.ranks, on_error="return")
+        # A rank that does not answer (stopped) is left out, not waited for: the monitor, in
+        # this loop, is what finds it hung.
+        try:
+            queued = self.client.run(
+                queued_rows,
+                list(running),
+                workers=self.ranks,
+                on_error="return",
+                callback_timeout=ASK_TIMEOUT,
+            )
+        except TimeoutError:
+            return set()
         offers = [
             (rows, worker, key)
             for worker, found in queued.items()
@@ -461,7 +485,12 @@ class Dispatcher:
         self.looked = time.monotonic()
         alive = gpu_workers(self.client)
         joined = [worker for worker in alive if worker not in self.ranks]
-        held = self.client.run(engine_status, workers=joined, on_error="ignore") if joined else {}
+        held = {}
+        if joined:
+            with contextlib.suppress(TimeoutError):
+                held = self.client.run(
+                    engine_status, workers=joined, on_error="ignore", callback_timeout=ASK_TIMEOUT
+                )
         ranks = [rank for rank in self.ranks if rank in alive]
         ranks += [worker for worker, status in held.items() if status and status[0] == self.fingerprint]
         if ranks and ranks != self.ranks:
@@ -486,9 +515,13 @@ class Monitor:
         total_rows: int,
         stream: TextIO | None,
         worker_wait: float,
+        stall_timeout: float | None = None,
     ):
         self.client = client
         self.run_id = run_id
+        self.stall_timeout = stall_timeout
+        self.heard: dict[str, float] = {}  # when each unfinished task last reported, by its key
+        self.hung: set[int] = set()  # ranks restarted for a stall, until their work reports again
         self.total_rows = total_rows
         self.stream = stream
         self.worker_wait = worker_wait
@@ -512,6 +545,11 @@ class Monitor:
             return
         with self.lock:
             self.tasks.setdefault(message["task"], {}).update(message)
+            if message.get("final"):
+                self.heard.pop(message["task"], None)
+            else:
+                self.heard[message["task"]] = time.monotonic()
+                self.hung.discard(message["rank"])
 
     def wait(self, dispatcher: Dispatcher, deadline: float | None) -> pd.DataFrame:
         """The chunk records of every partition; raises ``RunError`` when the run cannot finish."""
@@ -576,6 +614,7 @@ class Monitor:
                 "(cluster.startup-timeout)",
                 resumable=True,
             )
+        self.check_stalls(pending)
         if deadline is not None and time.time() > deadline:
             running: dict[int, set[int]] = collections.defaultdict(set)
             with self.lock:
@@ -593,6 +632,54 @@ class Monitor:
                 resumable=True,
             )
 
+    def check_stalls(self, pending: set[Future]) -> None:
+        """Find ranks whose task has sent no progress for ``stall_timeout`` seconds; stop them.
+
+        A rank reports about every second while its engine steps, so silence means a process
+        that is stopped, or stuck in the engine. The clock runs only for tasks that have
+        reported (an engine that loads holds no task), and restarts when a rank is stopped.
+        """
+        if self.stall_timeout is None:
+            return
+        running = {str(future.key) for future in pending}
+        now = time.monotonic()
+        with self.lock:
+            stalled = [
+                (key, self.tasks[key])
+                for key, heard in self.heard.items()
+                if key in running and now - heard > self.stall_timeout
+            ]
+        for key, state in stalled:
+            self.heard[key] = now
+            self.hung.add(state["rank"])
+            self.stop_hung(state, now - self.stall_timeout)
+
+    def stop_hung(self, state: dict[str, Any], since: float) -> None:
+        """Kill the hung rank's worker through its nanny, as if it had died: the scheduler then
+        gives its task to another rank, which skips the chunks already written. A worker that
+        has no nanny to restart it fails the run."""
+        worker = state["worker"]
+        info = self.client.scheduler_info(n_workers=-1)["workers"].get(worker)
+        silence = (
+            f"no progress for {time.monotonic() - since:.0f} s (run.stall-timeout {self.stall_timeout:g} s)"
+        )
+        if info is None:
+            return  # already gone: the scheduler moves its task on
+        if not info.get("nanny"):
+            raise RunError(
+                f"rank {state['rank']} (worker {worker}) is hung: {silence}, and it has no nanny "
+                "that could restart it",
+                resumable=True,
+            )
+        if self.stream is not None:
+            print(
+                f"rank {state['rank']} (worker {worker}) is hung: {silence}; restarting it, "
+                "its unfinished chunks go to the other ranks",
+                file=self.stream,
+                flush=True,
+            )
+        self.client.run(kill_worker_process, workers=[worker], nanny=True, on_error="return")
+
     def show(self, final: bool = False) -> None:
         """Rows done, and rows/s and output tokens/s of each rank over the last few seconds."""
         with self.lock:
@@ -609,7 +696,10 @@ class Monitor:
         rates = {rank: (counts - before.get(rank, 0)) / elapsed for rank, counts in sorted(by_rank.items())}
         done = min(int(sum(counts[0] for counts in by_rank.values())), self.total_rows)
         per_rank = "; ".join(
-            f"rank {rank} {rows:,.0f} rows/s {tokens:,.0f} tok/s" for rank, (rows, tokens) in rates.items()
+            f"rank {rank} hung"
+            if rank in self.hung
+            else f"rank {rank} {rows:,.0f} rows/s {tokens:,.0f} tok/s"
+            for rank, (rows, tokens) in rates.items()
         )
         if self.bar is not None:
             self.bar.n = done
@@ -623,6 +713,12 @@ class Monitor:
                 file=self.stream,
                 flush=True,
             )
+
+
+def kill_worker_process(dask_worker) -> None:
+    """Run on a nanny (``client.run(..., nanny=True)``): SIGKILL its worker process, which
+    stops even a stopped process. The nanny starts a new one."""
+    os.kill(dask_worker.process.process.pid, signal.SIGKILL)
 
 
 def summarize(
