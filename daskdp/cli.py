@@ -109,6 +109,12 @@ def parser() -> argparse.ArgumentParser:
         "--chunk-timeout", type=float, metavar="S", help="stop a chunk that generates for longer"
     )
     limits.add_argument(
+        "--stall-timeout",
+        type=float,
+        metavar="S",
+        help="restart a rank that reports no progress for this long while it holds work (default 120)",
+    )
+    limits.add_argument(
         "--retries", type=int, metavar="N", help="further attempts for a timed-out chunk (default 1)"
     )
     limits.add_argument(
@@ -158,6 +164,7 @@ def overrides(args: argparse.Namespace) -> dict:
         "run.partitioning": args.partitioning,
         "run.prefix-locality": args.prefix_locality,
         "run.chunk-timeout": args.chunk_timeout,
+        "run.stall-timeout": args.stall_timeout,
         "run.retries": args.retries,
         "run.max-error-rate": args.max_error_rate,
         "run.timeout": args.timeout,
@@ -248,10 +255,11 @@ def finish(summary: dict) -> None:
 
 def has_manifest(args: argparse.Namespace) -> bool:
     """Whether the run's output holds a manifest, so that ``--resume`` has something to continue."""
-    from daskdp.output.directory import default_output
-    from daskdp.output.manifest import read_manifest
-
     try:
+        # Imported here, and light: a Ctrl-C may have stopped the run's own imports midway.
+        from daskdp.output.directory import default_output
+        from daskdp.output.manifest import read_manifest
+
         return read_manifest(args.output or default_output(args.prompts)) is not None
     except Exception:  # an output that cannot even be looked at has nothing to resume
         return False

@@ -4,6 +4,8 @@ progress display, and the run's deadline and lost workers."""
 from __future__ import annotations
 
 import collections
+import os
+import signal
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
@@ -47,9 +49,13 @@ class Monitor:
         total_rows: int,
         stream: TextIO | None,
         worker_wait: float,
+        stall_timeout: float | None = None,
     ):
         self.client = client
         self.run_id = run_id
+        self.stall_timeout = stall_timeout
+        self.heard: dict[str, float] = {}  # when each unfinished task last reported, by its key
+        self.hung: set[int] = set()  # ranks restarted for a stall, until their work reports again
         self.total_rows = total_rows
         self.stream = stream
         self.worker_wait = worker_wait
@@ -73,6 +79,11 @@ class Monitor:
             return
         with self.lock:
             self.tasks.setdefault(message["task"], {}).update(message)
+            if message.get("final"):
+                self.heard.pop(message["task"], None)
+            else:
+                self.heard[message["task"]] = time.monotonic()
+                self.hung.discard(message["rank"])
 
     def wait(self, dispatcher: Dispatcher, deadline: float | None) -> pd.DataFrame:
         """The chunk records of every partition; raises ``RunError`` when the run cannot finish."""
@@ -136,6 +147,7 @@ class Monitor:
                 "(cluster.startup-timeout)",
                 resumable=True,
             )
+        self.check_stalls(pending)
         if deadline is not None and time.time() > deadline:
             running: dict[int, set[int]] = collections.defaultdict(set)
             with self.lock:
@@ -153,6 +165,54 @@ class Monitor:
                 resumable=True,
             )
 
+    def check_stalls(self, pending: set[Future]) -> None:
+        """Find ranks whose task has sent no progress for ``stall_timeout`` seconds; stop them.
+
+        A rank reports about every second while its engine steps, so silence means a process
+        that is stopped, or stuck in the engine. The clock runs only for tasks that have
+        reported (an engine that loads holds no task), and restarts when a rank is stopped.
+        """
+        if self.stall_timeout is None:
+            return
+        running = {str(future.key) for future in pending}
+        now = time.monotonic()
+        with self.lock:
+            stalled = [
+                (key, self.tasks[key])
+                for key, heard in self.heard.items()
+                if key in running and now - heard > self.stall_timeout
+            ]
+        for key, state in stalled:
+            self.heard[key] = now
+            self.hung.add(state["rank"])
+            self.stop_hung(state, now - self.stall_timeout)
+
+    def stop_hung(self, state: dict[str, Any], since: float) -> None:
+        """Kill the hung rank's worker through its nanny, as if it had died: the scheduler then
+        gives its task to another rank, which skips the chunks already written. A worker that
+        has no nanny to restart it fails the run."""
+        worker = state["worker"]
+        info = self.client.scheduler_info(n_workers=-1)["workers"].get(worker)
+        silence = (
+            f"no progress for {time.monotonic() - since:.0f} s (run.stall-timeout {self.stall_timeout:g} s)"
+        )
+        if info is None:
+            return  # already gone: the scheduler moves its task on
+        if not info.get("nanny"):
+            raise RunError(
+                f"rank {state['rank']} (worker {worker}) is hung: {silence}, and it has no nanny "
+                "that could restart it",
+                resumable=True,
+            )
+        if self.stream is not None:
+            print(
+                f"rank {state['rank']} (worker {worker}) is hung: {silence}; restarting it, "
+                "its unfinished chunks go to the other ranks",
+                file=self.stream,
+                flush=True,
+            )
+        self.client.run(kill_worker_process, workers=[worker], nanny=True, on_error="return")
+
     def show(self, final: bool = False) -> None:
         """Rows done, and rows/s and output tokens/s of each rank over the last few seconds."""
         with self.lock:
@@ -169,7 +229,10 @@ class Monitor:
         rates = {rank: (counts - before.get(rank, 0)) / elapsed for rank, counts in sorted(by_rank.items())}
         done = min(int(sum(counts[0] for counts in by_rank.values())), self.total_rows)
         per_rank = "; ".join(
-            f"rank {rank} {rows:,.0f} rows/s {tokens:,.0f} tok/s" for rank, (rows, tokens) in rates.items()
+            f"rank {rank} hung"
+            if rank in self.hung
+            else f"rank {rank} {rows:,.0f} rows/s {tokens:,.0f} tok/s"
+            for rank, (rows, tokens) in rates.items()
         )
         if self.bar is not None:
             self.bar.n = done
@@ -183,3 +246,9 @@ class Monitor:
                 file=self.stream,
                 flush=True,
             )
+
+
+def kill_worker_process(dask_worker) -> None:
+    """Run on a nanny (``client.run(..., nanny=True)``): SIGKILL its worker process, which
+    stops even a stopped process. The nanny starts a new one."""
+    os.kill(dask_worker.process.process.pid, signal.SIGKILL)

@@ -264,3 +264,69 @@ def test_sigterm_before_anything_is_written_prints_no_resume_line(tmp_path, good
     assert "continue with" not in stderr and "--resume" not in stderr, stderr[-3000:]
     assert "before anything was written" in stderr
     assert not (tmp_path / "out").exists()
+
+
+# A stopped rank ---------------------------------------------------------------------------------
+
+
+def test_a_stopped_rank_is_restarted_and_its_chunks_move_on(tmp_path):
+    """SIGSTOP one rank mid-run: after --stall-timeout without progress it is shown as hung, its
+    worker is killed through its nanny, its unfinished chunks run on the other rank, and every
+    row is there exactly once; the run does not wait for Dask's heartbeat to give up."""
+    import signal
+    import time
+
+    from test_faults import assert_exactly_once, family, staggered_prompts, start_run, wait_for_chunks
+
+    source = staggered_prompts(tmp_path / "prompts.parquet")
+    output = tmp_path / "out"
+    process = start_run(source, "-o", output, "--workers", 2, "--chunk-size", 20, "--stall-timeout", 4)
+    records = wait_for_chunks(output, 1, process)
+    port = int(records[0]["worker"].rsplit(":", 1)[1])
+    workers = [p for p in family(process) if "dask worker" in " ".join(p.cmdline())]
+    (victim,) = [
+        p for p in workers if any(c.laddr.port == port and c.status == "LISTEN" for c in p.net_connections())
+    ]
+    victim.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if victim.is_running():
+            victim.send_signal(signal.SIGCONT)
+    assert process.returncode == 0, stderr[-3000:]
+    assert time.monotonic() - stopped < 120, "the run waited for the stopped rank"
+    assert "is hung: no progress for" in stderr and "restarting it" in stderr, stderr[-3000:]
+    assert "rank" in stderr and " hung" in stderr
+    results = assert_exactly_once(output)
+    assert results["error"].isna().all()
+    assert "Traceback" not in stderr
+
+
+def test_timeout_ends_the_run_whatever_a_stopped_rank_does(tmp_path):
+    """A rank stopped, the stall limit far away: --timeout still ends the run within 10 s of
+    its deadline, exit 1 with the --resume line, and no process is left."""
+    import signal
+    import time
+
+    from test_faults import assert_gone, family, staggered_prompts, start_run, wait_for_chunks
+
+    source = staggered_prompts(tmp_path / "prompts.parquet", rows=400)
+    output = tmp_path / "out"
+    started = time.monotonic()
+    process = start_run(
+        source, "-o", output, "--workers", 2, "--chunk-size", 20, "--timeout", 75, "--stall-timeout", 600
+    )
+    wait_for_chunks(output, 1, process)
+    workers = [p for p in family(process) if "dask worker" in " ".join(p.cmdline())]
+    workers[0].send_signal(signal.SIGSTOP)
+    processes = family(process)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if workers[0].is_running():
+            workers[0].send_signal(signal.SIGCONT)
+    assert process.returncode == 1, stderr[-3000:]
+    assert time.monotonic() - started < 75 + 10, stderr[-3000:]
+    assert "passed its --timeout" in stderr and "--resume" in stderr, stderr[-3000:]
+    assert_gone(processes)

@@ -111,6 +111,7 @@ def chunk_loop(
         if number not in given and (wanted is None or number in wanted)
     ]
     report = ProgressReporter(worker, request, partition, rank, sum(len(rows) for _, rows in mine))
+    report.send()  # started: from here the client expects progress (run.stall-timeout)
     todo, records = [], []
     for number, rows in mine:
         if number in written:
@@ -241,6 +242,7 @@ class ProgressReporter:
             "task": str(worker.get_current_task()),
             "partition": partition,
             "rank": rank,
+            "worker": worker.address,
             "total": total,
         }
         self.done = self.output_tokens = 0

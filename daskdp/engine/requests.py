@@ -37,6 +37,7 @@ class GenerationRequest:
     run_id: str = ""
     chunk_rows: int = 1024
     chunk_timeout: float | None = None
+    stall_timeout: float | None = None
     retries: int = 0
     progress_interval: float = 1.0
 
@@ -53,11 +54,21 @@ class GenerationRequest:
             **{
                 "chunk_rows": int(limits["chunk-size"]),
                 "chunk_timeout": limits["chunk-timeout"],
+                "stall_timeout": stall_timeout(limits),
                 "retries": int(limits["retries"]),
                 "progress_interval": limits["progress-interval"],
                 **run,
             },
         )
+
+
+def stall_timeout(limits: dict[str, Any]) -> float | None:
+    """Seconds a rank may hold work without reporting progress: ``run.stall-timeout``, never
+    more than ``run.chunk-timeout`` when that is given."""
+    limit = limits.get("stall-timeout")
+    if limits.get("chunk-timeout") is not None:
+        limit = min(limit, limits["chunk-timeout"]) if limit is not None else limits["chunk-timeout"]
+    return float(limit) if limit is not None else None
 
 
 def add_requests(

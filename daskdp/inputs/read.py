@@ -12,37 +12,11 @@ import numpy as np
 import pandas as pd
 
 from daskdp.errors import UserError, exception_chain, first_line
+from daskdp.inputs.formats import COMPRESSIONS, input_format
 from daskdp.inputs.survey import SURVEY_META, Survey, survey_partition
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
-
-FORMATS = {
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-    ".csv": "csv",
-}
-
-COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst"}
-
-
-def input_format(source: str, is_dir: bool) -> str:
-    """The format of ``source`` from its name: parquet, jsonl or csv."""
-    if is_dir:
-        return "parquet"
-    stem, suffix = posixpath.splitext(posixpath.basename(source.rstrip("/")).lower())
-    if suffix in COMPRESSIONS:
-        suffix = posixpath.splitext(stem)[1]
-    fmt = FORMATS.get(suffix)
-    if fmt is None:
-        raise UserError(
-            f"cannot tell the format of {source} from its name; "
-            "use .parquet (or a directory of them), .jsonl or .csv"
-        )
-    return fmt
 
 
 @dataclass

@@ -13,11 +13,11 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
 from daskdp.output.schema import CHUNK_FILE, CHUNKS_DIR, DONE, TIMED_OUT
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from daskdp.plan import Layout
 
 
@@ -122,6 +122,7 @@ def write_timed_out(output: str, record: dict[str, Any]) -> dict[str, Any]:
 
 def _storable(frame: pd.DataFrame) -> pd.DataFrame:
     """Object columns that mix types (a number among prompts) as strings, nulls kept."""
+    import pandas as pd
     import pyarrow as pa
 
     columns = {}

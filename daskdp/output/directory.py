@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 
 from daskdp.errors import UserError
-from daskdp.inputs.read import COMPRESSIONS, FORMATS
+from daskdp.inputs.formats import COMPRESSIONS, FORMATS
 from daskdp.output.chunks import is_temporary, read_records
 from daskdp.output.manifest import read_manifest
 from daskdp.output.schema import CHUNK_FILE, CHUNKS_DIR, MANIFEST_FILE, REPORT_FILE, SUMMARY_FILE

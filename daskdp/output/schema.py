@@ -14,7 +14,10 @@ report and the readers take the names and types from here.
 
 from __future__ import annotations
 
-import pandas as pd
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MANIFEST_FILE = "_manifest.json"
 CHUNKS_DIR = "_chunks"
@@ -73,9 +76,13 @@ def result_arrow_schema():
 
 def result_meta(meta: pd.DataFrame) -> pd.DataFrame:
     """The empty frame that describes generated partitions of ``meta``."""
+    import pandas as pd
+
     return meta.assign(**{name: pd.Series(dtype=dtype) for name, dtype in RESULT_DTYPES.items()})
 
 
 def record_meta() -> pd.DataFrame:
     """The empty frame of chunk records that ``generate_and_write`` returns."""
+    import pandas as pd
+
     return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in RECORD_DTYPES.items()})

@@ -286,6 +286,7 @@ def run_gang(
         run_id=request.run_id,
         total_rows=plan.rows,
         progress=progress,
+        stall_timeout=request.stall_timeout,
     )
 
 
@@ -317,6 +318,7 @@ def run_ranks(
     run_id: str = "",
     total_rows: int = 0,
     progress: TextIO | None = None,
+    stall_timeout: float | None = None,
 ) -> pd.DataFrame:
     """Run task ``i`` (a Dask collection returning a DataFrame) on rank ``i``, all as one gang.
 
@@ -327,7 +329,9 @@ def run_ranks(
     if len(tasks) != len(members):
         raise ValueError(f"a gang runs one task per rank: {len(tasks)} tasks for {len(members)} ranks")
     dispatcher = GangDispatcher(client, tasks, members, resources)
-    monitor = GangMonitor(client, members, straggler_timeout, run_id, total_rows, progress, worker_wait)
+    monitor = GangMonitor(
+        client, members, straggler_timeout, run_id, total_rows, progress, worker_wait, stall_timeout
+    )
     try:
         return monitor.wait(dispatcher, deadline)
     except Exception:
@@ -395,13 +399,14 @@ class GangMonitor(Monitor):
         total_rows: int,
         stream: TextIO | None,
         worker_wait: float,
+        stall_timeout: float | None = None,
     ):
         self.members = list(members)
         self.straggler_timeout = straggler_timeout
         self.by_process = True
         self.identities = self.worker_identities(client)
         self.finished_at: dict[int, float] = {}
-        super().__init__(client, run_id, total_rows, stream, worker_wait)
+        super().__init__(client, run_id, total_rows, stream, worker_wait, stall_timeout)
 
     def worker_identities(self, client: Client) -> dict[str, str]:
         """Each worker's unique id by address, new for every worker process.
@@ -442,6 +447,15 @@ class GangMonitor(Monitor):
         raise RunError(
             f"gang rank {rank} (worker {self.members[rank]}) failed: {reason}; "
             "the other ranks were stopped with it",
+            resumable=True,
+        )
+
+    def stop_hung(self, state: dict[str, Any], since: float) -> None:
+        """A hung rank stops the gang, as a lost one does: its peers wait on it in collectives."""
+        raise RunError(
+            f"gang rank {state['rank']} (worker {state['worker']}) is hung: no progress for "
+            f"{time.monotonic() - since:.0f} s (run.stall-timeout {self.stall_timeout:g} s); "
+            "the other ranks were stopped with it, since a gang's ranks run together",
             resumable=True,
         )
 

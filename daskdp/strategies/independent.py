@@ -3,6 +3,7 @@ and work stolen from a slower rank by one that ran dry."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 IN_FLIGHT_PER_RANK = 2  # a rank's next partition waits on its worker, not on the client
 FOLLOW_INTERVAL = 5.0  # seconds between looks for workers that joined or left, or work to share
+ASK_TIMEOUT = 2.0  # seconds to wait for the ranks to answer about their queues and engines
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,9 @@ class Independent:
             plan.mode,
             plugin.fingerprint,
         )
-        monitor = Monitor(client, request.run_id, plan.rows, generation.progress, startup_timeout)
+        monitor = Monitor(
+            client, request.run_id, plan.rows, generation.progress, startup_timeout, request.stall_timeout
+        )
         return monitor.wait(dispatcher, generation.deadline)
 
 
@@ -175,7 +179,18 @@ class Dispatcher:
             return set()
         self.shared = time.monotonic()
         running = {future.key: future for future in self.assigned}
-        queued = self.client.run(queued_rows, list(running), workers=self.ranks, on_error="return")
+        # A rank that does not answer (stopped) is left out, not waited for: the monitor, in
+        # this loop, is what finds it hung.
+        try:
+            queued = self.client.run(
+                queued_rows,
+                list(running),
+                workers=self.ranks,
+                on_error="return",
+                callback_timeout=ASK_TIMEOUT,
+            )
+        except TimeoutError:
+            return set()
         offers = [
             (rows, worker, key)
             for worker, found in queued.items()
@@ -208,7 +223,12 @@ class Dispatcher:
         self.looked = time.monotonic()
         alive = cluster_gpu_workers(self.client)
         joined = [worker for worker in alive if worker not in self.ranks]
-        held = self.client.run(engine_status, workers=joined, on_error="ignore") if joined else {}
+        held = {}
+        if joined:
+            with contextlib.suppress(TimeoutError):
+                held = self.client.run(
+                    engine_status, workers=joined, on_error="ignore", callback_timeout=ASK_TIMEOUT
+                )
         ranks = [rank for rank in self.ranks if rank in alive]
         ranks += [worker for worker, status in held.items() if status and status[0] == self.fingerprint]
         if ranks and ranks != self.ranks:
