@@ -149,7 +149,7 @@ def test_a_malformed_json_line_is_named_by_its_number(tmp_path, compressed):
     source = tmp_path / ("prompts.jsonl.gz" if compressed else "prompts.jsonl")
     source.write_bytes(gzip.compress(text.encode()) if compressed else text.encode())
     done = daskdp_cli("run", source, "-o", tmp_path / "out")
-    error_line(done, "line 23 of", "not valid JSON", cluster_started=True)
+    error_line(done, "as JSON Lines: line 23 is not valid JSON", cluster_started=True)
 
 
 # An output that cannot be written --------------------------------------------------------------
