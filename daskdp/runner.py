@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 import itertools
 import logging
 import math
@@ -161,7 +162,10 @@ def run(
             raise
         shut_down(client, cluster)
         summary = summarize(records, earlier, output, layout, source, model, settings, started)
-        io.write_summary(summary, output)
+        try:
+            io.write_summary(summary, output)
+        except OSError as e:
+            raise RunError(output_error(e, output), resumable=True) from None
         check_finished(summary, limits["max-error-rate"])
         return summary
 
@@ -214,11 +218,25 @@ def prepare_output(
         _, costs = survey.arrangement(by_prefix)
         layout = checkpoint.layout(costs, ranks, int(chunk_size), by_prefix)
         manifest = checkpoint.new_manifest(source, survey.fingerprint, layout, settings)
-        checkpoint.write_manifest(manifest, output)
+        try:
+            checkpoint.write_manifest(manifest, output)
+        except OSError as e:
+            io.clear_output(output)  # without a manifest, only what this run made
+            raise RunError(output_error(e, output)) from None
         return layout, {}
     refuse_differences(output, checkpoint.input_differs(manifest, survey.fingerprint, survey.rows))
     layout = checkpoint.Layout(survey.rows, manifest["chunk_rows"], manifest.get("row_order") == "prefix")
     return layout, checkpoint.verified_records(output, layout)
+
+
+def output_error(error: OSError, output: str | None = None) -> str:
+    """One line for a write to the output directory (``output``, else the directory of the
+    file that failed) that failed: a full disk above all."""
+    if output is None:
+        output = os.path.dirname(str(error.filename or "")).removesuffix(f"/{checkpoint.CHUNKS_DIR}")
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device of {output or 'the output directory'}; free some space"
+    return f"cannot write to {output or 'the output directory'} ({error.strerror or error})"
 
 
 def refuse_differences(output: str, differences: list[str]) -> None:
@@ -326,7 +344,9 @@ def generate(
     dispatcher = Dispatcher(
         client, partitions, request, output, ranks, tensor_parallel_size, plan.mode, plugin.fingerprint
     )
-    monitor = Monitor(client, request.run_id, plan.rows, progress, startup_timeout, request.stall_timeout)
+    monitor = Monitor(
+        client, request.run_id, plan.rows, progress, startup_timeout, request.stall_timeout, output
+    )
     return monitor.wait(dispatcher, deadline)
 
 
@@ -517,9 +537,11 @@ class Monitor:
         stream: TextIO | None,
         worker_wait: float,
         stall_timeout: float | None = None,
+        output: str | None = None,
     ):
         self.client = client
         self.run_id = run_id
+        self.output = output
         self.stall_timeout = stall_timeout
         self.heard: dict[str, float] = {}  # when each unfinished task last reported, by its key
         self.hung: set[int] = set()  # ranks restarted for a stall, until their work reports again
@@ -594,6 +616,8 @@ class Monitor:
                 "if the workers were lost for another reason",
                 resumable=True,
             )
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
+            raise RunError(output_error(error, self.output), resumable=True)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RunError(f"partition {partition} failed: {reason}", resumable=True)
 
