@@ -4,10 +4,12 @@ progress display, and the run's deadline and lost workers."""
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import signal
 import threading
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import dask
@@ -17,12 +19,14 @@ import pandas as pd
 from daskdp.clusters.ranks import GPU, cluster_gpu_workers
 from daskdp.engine.loop import PROGRESS_TOPIC
 from daskdp.errors import RunError, first_line
+from daskdp.output.directory import output_error
 from daskdp.output.schema import record_meta
 
 if TYPE_CHECKING:
     from distributed import Client, Future
 
 RATE_WINDOW = 5.0  # seconds over which the ranks' rates are shown
+SILENT_AFTER = 5.0  # seconds without progress after which a rank is not asked to share work
 
 
 class Dispatcher(Protocol):
@@ -30,7 +34,7 @@ class Dispatcher(Protocol):
 
     partition: dict[Future, int]
 
-    def submit(self) -> set[Future]: ...
+    def submit(self, silent: Collection[str] = ()) -> set[Future]: ...
 
     def finished(self, future: Future) -> None: ...
 
@@ -50,9 +54,11 @@ class Monitor:
         stream: TextIO | None,
         worker_wait: float,
         stall_timeout: float | None = None,
+        output: str | None = None,
     ):
         self.client = client
         self.run_id = run_id
+        self.output = output
         self.stall_timeout = stall_timeout
         self.heard: dict[str, float] = {}  # when each unfinished task last reported, by its key
         self.hung: set[int] = set()  # ranks restarted for a stall, until their work reports again
@@ -100,7 +106,7 @@ class Monitor:
                 for future in done:
                     records.append(self.result(future, dispatcher.partition[future]))
                     dispatcher.finished(future)
-                pending |= dispatcher.submit()
+                pending |= dispatcher.submit(self.silent_workers())
                 if pending:
                     self.check(pending, dispatcher.partition, deadline)
                 self.show(final=not pending)
@@ -127,6 +133,8 @@ class Monitor:
                 "if the workers were lost for another reason",
                 resumable=True,
             )
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
+            raise RunError(output_error(error, self.output), resumable=True)
         raise RunError(f"partition {partition} failed: {first_line(error)}", resumable=True)
 
     def check(self, pending: set[Future], futures: dict[Future, int], deadline: float | None) -> None:
@@ -164,6 +172,14 @@ class Monitor:
                 f"the run passed its --timeout; unfinished: {where}",
                 resumable=True,
             )
+
+    def silent_workers(self) -> set[str]:
+        """The workers of unfinished tasks that have not reported for ``SILENT_AFTER`` seconds."""
+        now = time.monotonic()
+        with self.lock:
+            return {
+                self.tasks[key]["worker"] for key, heard in self.heard.items() if now - heard > SILENT_AFTER
+            }
 
     def check_stalls(self, pending: set[Future]) -> None:
         """Find ranks whose task has sent no progress for ``stall_timeout`` seconds; stop them.

@@ -17,12 +17,19 @@ from daskdp.clusters import connect
 from daskdp.clusters.ranks import cluster_gpu_workers, visible_gpus
 from daskdp.engine.plugin import EnginePlugin
 from daskdp.engine.requests import GenerationRequest
-from daskdp.errors import UserError
+from daskdp.errors import RunError, UserError
 from daskdp.inputs.read import read_prompts
 from daskdp.logs import silenced
 from daskdp.output import manifest as manifests
 from daskdp.output.chunks import verified_records
-from daskdp.output.directory import check_output, clear_output, default_output, has_results, output_lock
+from daskdp.output.directory import (
+    check_output,
+    clear_output,
+    default_output,
+    has_results,
+    output_error,
+    output_lock,
+)
 from daskdp.output.schema import record_meta
 from daskdp.output.summary import check_finished, summarize, write_summary
 from daskdp.plan import Layout, Plan, chunk_layout
@@ -146,7 +153,10 @@ def run(
             raise
         shut_down(client, cluster)
         summary = summarize(records, earlier, output, layout, source, model, settings, started)
-        write_summary(summary, output)
+        try:
+            write_summary(summary, output)
+        except OSError as e:
+            raise RunError(output_error(e, output), resumable=True) from None
         check_finished(summary, limits["max-error-rate"])
         return summary
 
@@ -199,7 +209,11 @@ def prepare_output(
         _, costs = survey.arrangement(by_prefix)
         layout = chunk_layout(costs, ranks, int(chunk_size), by_prefix)
         manifest = manifests.new_manifest(source, survey.fingerprint, layout, settings)
-        manifests.write_manifest(manifest, output)
+        try:
+            manifests.write_manifest(manifest, output)
+        except OSError as e:
+            clear_output(output)  # without a manifest, only what this run made
+            raise RunError(output_error(e, output)) from None
         return layout, {}
     refuse_differences(output, manifests.input_differs(manifest, survey.fingerprint, survey.rows))
     layout = Layout(survey.rows, manifest["chunk_rows"], manifest.get("row_order") == "prefix")

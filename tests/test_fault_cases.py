@@ -149,7 +149,7 @@ def test_a_malformed_json_line_is_named_by_its_number(tmp_path, compressed):
     source = tmp_path / ("prompts.jsonl.gz" if compressed else "prompts.jsonl")
     source.write_bytes(gzip.compress(text.encode()) if compressed else text.encode())
     done = daskdp_cli("run", source, "-o", tmp_path / "out")
-    error_line(done, "line 23 of", "not valid JSON", cluster_started=True)
+    error_line(done, "as JSON Lines: line 23 is not valid JSON", cluster_started=True)
 
 
 # An output that cannot be written --------------------------------------------------------------
@@ -168,16 +168,63 @@ def test_a_read_only_output_is_refused_before_a_cluster_starts(tmp_path, good_in
 
 
 def read_only_mount(path):
+    return tmpfs(path, "ro,size=1m")
+
+
+def tmpfs(path, options: str):
     import subprocess
 
     path.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True
-    )
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
     if done.returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     unmount_at_exit(path)
     return path
+
+
+def fill(disk, leave: int) -> None:
+    """Fill the tmpfs ``disk`` up to ``leave`` bytes."""
+    import os
+
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    (disk / "filler").write_bytes(b"\0" * max(0, free - leave))
+
+
+def test_a_disk_full_at_the_start(tmp_path, good_input):
+    """No room even for the manifest: one line naming the directory, exit 1, no traceback, no
+    resume line, nothing left behind."""
+    disk = tmpfs(tmp_path / "disk", "size=1m")
+    fill(disk, leave=0)
+    done = daskdp_cli("run", good_input, "-o", disk / "out")
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    assert "Traceback" not in output and "--resume" not in output, output[-3000:]
+    last = [line for line in done.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("daskdp: run failed: no space left") and str(disk / "out") in last, last
+    assert not (disk / "out").exists() or list((disk / "out").iterdir()) == []
+
+
+def test_a_disk_full_mid_run(tmp_path):
+    """Room for the manifest and a few chunks: exit 1 with one line naming the directory and the
+    --resume line, no traceback, no temporary file left; after space is freed, --resume
+    finishes with every row once."""
+    from test_faults import assert_exactly_once, staggered_prompts
+
+    source = staggered_prompts(tmp_path / "prompts.parquet", rows=160)
+    disk = tmpfs(tmp_path / "disk", "size=1m")
+    fill(disk, leave=48 * 1024)
+    output = disk / "out"
+    done = daskdp_cli("run", source, "-o", output, "--workers", 2, "--chunk-size", 10, "--quiet")
+    text = done.stdout + done.stderr
+    assert done.returncode == 1, text[-3000:]
+    assert "Traceback" not in text and "Compute Failed" not in text, text[-3000:]
+    assert f"no space left on the device of {output}" in text, text[-3000:]
+    assert "continue with:" in text and "--resume" in text, text[-3000:]
+    assert not [p for p in output.rglob("*") if ".tmp-" in p.name]
+    (disk / "filler").unlink()
+    done = daskdp_cli("run", source, "-o", output, "--workers", 2, "--chunk-size", 10, "--quiet", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_exactly_once(output, rows=160)
 
 
 def unmount_at_exit(path):

@@ -91,7 +91,7 @@ def test_jsonl_file_holding_garbage(tmp_path):
     source = tmp_path / "prompts.jsonl"
     source.write_text("prompt: hello\n{not json at all\n\x00\x01 random bytes ]]\n")
     done = daskdp_cli("run", source, "-o", tmp_path / "out")
-    error_line(done, str(source), "cannot read", "as JSON Lines", "what its name says")
+    error_line(done, str(source), "cannot read", "as JSON Lines", "line 1 is not valid JSON")
     assert not (tmp_path / "out").exists()
 
 

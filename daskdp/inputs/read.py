@@ -199,13 +199,13 @@ def first_bad_json_line(source: str) -> str | None:
                 try:
                     row = json.loads(line)
                 except UnicodeDecodeError:
-                    return f"line {number} of {path} is not valid UTF-8; fix or remove that line"
+                    return f"cannot read {path} as JSON Lines: line {number} is not valid UTF-8; fix or remove it"
                 except ValueError as e:
-                    return f"line {number} of {path} is not valid JSON ({e}); fix or remove that line"
+                    return f"cannot read {path} as JSON Lines: line {number} is not valid JSON ({e}); fix or remove it"
                 if not isinstance(row, dict):
                     return (
-                        f"line {number} of {path} is a JSON {type(row).__name__}, not an object "
-                        '{"prompt": ...}; fix or remove that line'
+                        f"cannot read {path} as JSON Lines: line {number} is a JSON {type(row).__name__}, "
+                        'not an object {"prompt": ...}; fix or remove it'
                     )
     return None
 

@@ -5,6 +5,7 @@ A chunk's data file is written first and its record second: a chunk without a re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import posixpath
@@ -147,9 +148,14 @@ def write_atomically(fs, target: str, data: bytes | str) -> None:
     """Write to a hidden temporary name beside ``target``, then rename it into place."""
     directory, name = posixpath.split(target)
     temporary = posixpath.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
-    with fs.open(temporary, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-    fs.mv(temporary, target)
+    try:
+        with fs.open(temporary, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        fs.mv(temporary, target)
+    except BaseException:  # a full disk, a stopped run: no half-written file is left behind
+        with contextlib.suppress(OSError):
+            fs.rm(temporary)
+        raise
 
 
 def to_json(value: Any) -> str:

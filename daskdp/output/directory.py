@@ -4,6 +4,7 @@ a run writes there, and clearing an earlier run's results."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import posixpath
@@ -136,6 +137,16 @@ def resolved(output: str) -> str:
     if isinstance(fs, LocalFileSystem):
         return os.path.realpath(path)
     return fs.unstrip_protocol(posixpath.normpath(path))
+
+
+def output_error(error: OSError, output: str | None = None) -> str:
+    """One line for a write to the output directory (``output``, else the directory of the
+    file that failed) that failed: a full disk above all."""
+    if output is None:
+        output = os.path.dirname(str(error.filename or "")).removesuffix(f"/{CHUNKS_DIR}")
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device of {output or 'the output directory'}; free some space"
+    return f"cannot write to {output or 'the output directory'} ({error.strerror or error})"
 
 
 def has_results(output: str) -> bool:

@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -369,7 +369,7 @@ class GangDispatcher:
         self.resources = resources
         self.partition: dict[Future, int] = {}
 
-    def submit(self) -> set[Future]:
+    def submit(self, silent: Collection[str] = ()) -> set[Future]:
         """The first call submits every rank's task; the new futures (none after the first)."""
         submitted: set[Future] = set()
         if not self.tasks:

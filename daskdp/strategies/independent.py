@@ -3,8 +3,9 @@ and work stolen from a slower rank by one that ran dry."""
 
 from __future__ import annotations
 
-import contextlib
 import time
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 IN_FLIGHT_PER_RANK = 2  # a rank's next partition waits on its worker, not on the client
 FOLLOW_INTERVAL = 5.0  # seconds between looks for workers that joined or left, or work to share
-ASK_TIMEOUT = 2.0  # seconds to wait for the ranks to answer about their queues and engines
+ASK_TIMEOUT = 10.0  # seconds to wait for the workers' answers about their queues and engines
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,13 @@ class Independent:
             plugin.fingerprint,
         )
         monitor = Monitor(
-            client, request.run_id, plan.rows, generation.progress, startup_timeout, request.stall_timeout
+            client,
+            request.run_id,
+            plan.rows,
+            generation.progress,
+            startup_timeout,
+            request.stall_timeout,
+            generation.output,
         )
         return monitor.wait(dispatcher, generation.deadline)
 
@@ -126,6 +133,7 @@ class Dispatcher:
         self.given: dict[Key, list[int]] = {}  # chunks each task gave away
         self.looked = time.monotonic()
         self.shared: float | None = None  # when work was last shared; None: look at the next call
+        self.questions = ThreadPoolExecutor(thread_name_prefix="daskdp-ask")
 
     @property
     def limit(self) -> int:
@@ -135,9 +143,9 @@ class Dispatcher:
             else IN_FLIGHT_PER_RANK * len(self.ranks)
         )
 
-    def submit(self) -> set[Future]:
+    def submit(self, silent: Collection[str] = ()) -> set[Future]:
         """Submit partitions until the limit of those in flight is reached, then share out the
-        work of busy ranks with idle ones; the new futures."""
+        work of busy ranks with idle ones, leaving out the ``silent`` ranks; the new futures."""
         self.follow_workers()
         submitted = set()
         while self.waiting and len(self.assigned) < self.limit:
@@ -151,7 +159,7 @@ class Dispatcher:
                 rank = min(load, key=load.get)
             submitted.add(self.compute(part, i, rank))
         if not self.waiting:
-            submitted |= self.share_work()
+            submitted |= self.share_work(silent)
         return submitted
 
     def compute(self, task: Any, partition: int, rank: str) -> Future:
@@ -163,7 +171,7 @@ class Dispatcher:
         del self.assigned[future]
         self.shared = None
 
-    def share_work(self) -> set[Future]:
+    def share_work(self, silent: Collection[str]) -> set[Future]:
         """Give each idle rank half the unstarted chunks of the task with the most rows left.
 
         Looks when a task has finished, else every ``FOLLOW_INTERVAL`` seconds (for ranks that
@@ -179,18 +187,9 @@ class Dispatcher:
             return set()
         self.shared = time.monotonic()
         running = {future.key: future for future in self.assigned}
-        # A rank that does not answer (stopped) is left out, not waited for: the monitor, in
-        # this loop, is what finds it hung.
-        try:
-            queued = self.client.run(
-                queued_rows,
-                list(running),
-                workers=self.ranks,
-                on_error="return",
-                callback_timeout=ASK_TIMEOUT,
-            )
-        except TimeoutError:
-            return set()
+        # A rank silent for a while may be stopped, and would never answer.
+        asked = [rank for rank in self.ranks if rank not in silent]
+        queued = self.ask(queued_rows, list(running), workers=asked) if asked else {}
         offers = [
             (rows, worker, key)
             for worker, found in queued.items()
@@ -214,6 +213,19 @@ class Dispatcher:
             submitted.add(self.compute(task, i, rank))
         return submitted
 
+    def ask(
+        self, function: Callable, *args: Any, workers: list[str], on_error: str = "return"
+    ) -> dict[str, Any]:
+        """``client.run`` on ``workers`` for a question that may go unanswered: a rank stopped
+        since it last reported, or a worker still loading its engine, would hold this loop, and
+        with it the monitor (stalls, the deadline). No answer within ``ASK_TIMEOUT`` seconds
+        counts as none; the question is harmless to leave running."""
+        asking = self.questions.submit(self.client.run, function, *args, workers=workers, on_error=on_error)
+        try:
+            return asking.result(timeout=ASK_TIMEOUT)
+        except TimeoutError:
+            return {}
+
     def follow_workers(self) -> None:
         """Every few seconds: the ranks are the ``GPU`` workers that hold the run's engine."""
         from daskdp.engine.plugin import engine_status
@@ -223,12 +235,7 @@ class Dispatcher:
         self.looked = time.monotonic()
         alive = cluster_gpu_workers(self.client)
         joined = [worker for worker in alive if worker not in self.ranks]
-        held = {}
-        if joined:
-            with contextlib.suppress(TimeoutError):
-                held = self.client.run(
-                    engine_status, workers=joined, on_error="ignore", callback_timeout=ASK_TIMEOUT
-                )
+        held = self.ask(engine_status, workers=joined, on_error="ignore") if joined else {}
         ranks = [rank for rank in self.ranks if rank in alive]
         ranks += [worker for worker, status in held.items() if status and status[0] == self.fingerprint]
         if ranks and ranks != self.ranks:
