@@ -87,7 +87,9 @@ def test_default_model_on_cpu_hosts_tiny_by_name_and_none_on_gpu_hosts(tmp_path,
 
 
 def test_other_model_directories_get_cpu_defaults_not_the_tiny_models(tmp_path):
-    model, arguments = config.engine_arguments(config.load(overrides={"model": str(tmp_path)}), gpu_host=False)
+    model, arguments = config.engine_arguments(
+        config.load(overrides={"model": str(tmp_path)}), gpu_host=False
+    )
     assert model == str(tmp_path) and "dtype" not in arguments
     assert arguments["max_model_len"] == -1  # the model's own length, or what the KV cache holds
     assert arguments["kv_cache_memory_bytes"] == 1 << 30 and arguments["enforce_eager"] is True

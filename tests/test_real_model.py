@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import daskdp_cli, plain_vllm, read_results
 
+from conftest import daskdp_cli, plain_vllm, read_results
 from daskdp import config
 
 pytestmark = pytest.mark.slow
@@ -66,7 +66,9 @@ def test_default_model_answers_chat_like_plain_vllm(tmp_path):
         pytest.fail(f"the default model is not in {model}: bash scripts/setup.sh makes it (and CI runs it)")
     messages = [[{"role": "user", "content": question}] for question in QUESTIONS]
     source = tmp_path / "chat.jsonl"
-    source.write_text("".join(json.dumps({"id": f"q{i:02d}", "messages": m}) + "\n" for i, m in enumerate(messages)))
+    source.write_text(
+        "".join(json.dumps({"id": f"q{i:02d}", "messages": m}) + "\n" for i, m in enumerate(messages))
+    )
     out = tmp_path / "out"
     # No --model: the default. conftest's configuration names the tiny model; this variable,
     # a layer above it, sets the model back to null (DASK_DASKDP__MODEL=None).
@@ -80,15 +82,17 @@ def test_default_model_answers_chat_like_plain_vllm(tmp_path):
     assert json.loads((out / "_summary.json").read_text())["model"] == str(model)
 
     _, engine = config.engine_arguments(config.load(overrides={"model": str(model)}), gpu_host=False)
-    expected = plain_vllm(messages=messages, model=model, engine=engine, temperature=0.0, max_tokens=MAX_TOKENS)
+    expected = plain_vllm(
+        messages=messages, model=model, engine=engine, temperature=0.0, max_tokens=MAX_TOKENS
+    )
     expected_texts = [text for text, _, _ in expected["messages"]]
     texts = list(results["generated_text"])
     rows = len(texts)
-    starts = sum(first_words(a) == first_words(b) for a, b in zip(texts, expected_texts)) / rows
-    whole = sum(a == b for a, b in zip(texts, expected_texts)) / rows
+    starts = sum(first_words(a) == first_words(b) for a, b in zip(texts, expected_texts, strict=True)) / rows
+    whole = sum(a == b for a, b in zip(texts, expected_texts, strict=True)) / rows
     stopped = (results["finish_reason"] == "stop") & (results["output_tokens"] < MAX_TOKENS)
     print(f"first three words {starts:.0%}, whole answers {whole:.0%}, ended at EOS {stopped.mean():.0%}")
-    differing = [(q, a, b) for q, a, b in zip(QUESTIONS, texts, expected_texts) if a != b]
+    differing = [(q, a, b) for q, a, b in zip(QUESTIONS, texts, expected_texts, strict=True) if a != b]
     assert starts >= 0.95, differing
     assert whole >= 0.70, differing
     # Questions with short answers: plain vLLM ends all 32 at EOS in one batch (answers of 8 to

