@@ -75,7 +75,7 @@ def test_default_model_on_cpu_hosts_tiny_by_name_and_none_on_gpu_hosts(tmp_path,
     model, arguments = config.engine_arguments(config.load(), gpu_host=False)
     assert model == str(tmp_path / "smollm2")
     assert arguments["dtype"] == "bfloat16" and arguments["max_model_len"] == 2048
-    assert arguments["kv_cache_memory_bytes"] == 1 << 28 and arguments["enforce_eager"] is True
+    assert arguments["kv_cache_memory_bytes"] == 1 << 30 and arguments["enforce_eager"] is True
     # named by its directory, it gets the same settings
     assert config.engine_arguments(config.load(overrides={"model": model}), gpu_host=False)[1] == arguments
 
