@@ -51,13 +51,19 @@ def make_prompts(rows: int) -> pd.DataFrame:
 # --- daskdp's settings and the environment of its ranks ------------------------------------------
 
 
+# Every benchmark runs the packaged tiny model, named, so figures stay comparable across
+# changes of daskdp's default model.
+MODEL = "tiny"
+
+
 def settings(max_tokens: int, config_file: str | os.PathLike | None = None) -> tuple[str, dict, dict]:
-    """Model, engine arguments and sampling settings as ``daskdp run --max-tokens N --ignore-eos`` resolves them here."""
+    """Model, engine arguments and sampling settings as ``daskdp run --model tiny --max-tokens N --ignore-eos`` resolves them here."""
     from daskdp import config
     from daskdp.clusters.ranks import visible_gpus
 
     resolved = config.load(
-        config_file, overrides={"sampling.max-tokens": max_tokens, "sampling.ignore-eos": True}
+        config_file,
+        overrides={"model": MODEL, "sampling.max-tokens": max_tokens, "sampling.ignore-eos": True},
     )
     model, engine_args = config.engine_arguments(resolved, gpu_host=bool(visible_gpus()))
     sampling = {key.replace("-", "_"): value for key, value in resolved["sampling"].items()}
@@ -130,13 +136,15 @@ def cpu_seconds() -> float:
 
 
 def daskdp_command(source: Path, output: Path, workers: int, max_tokens: int, *extra: str) -> list[str]:
-    """``daskdp run SOURCE -o OUTPUT --workers N --max-tokens M --ignore-eos --quiet --overwrite EXTRA``."""
+    """``daskdp run SOURCE -o OUTPUT --model tiny --workers N --max-tokens M --ignore-eos --quiet --overwrite EXTRA``."""
     return [
         *DASKDP,
         "run",
         str(source),
         "-o",
         str(output),
+        "--model",
+        MODEL,
         "--workers",
         str(workers),
         "--max-tokens",

@@ -106,7 +106,7 @@ def high_water_mark(pid: int) -> int:
 
 def run_daskdp(source: Path, output: Path, workers: int, max_tokens: int, log: Path) -> dict:
     """Run ``daskdp run`` as a subprocess, sampling the RSS of it and of its descendants."""
-    command = [PYTHON, "-m", "daskdp", "run", str(source), "-o", str(output)]
+    command = [PYTHON, "-m", "daskdp", "run", str(source), "-o", str(output), "--model", "tiny"]
     command += ["--workers", str(workers), "--max-tokens", str(max_tokens), "--quiet", "--overwrite"]
     samples: list[tuple[float, int, int]] = []  # (seconds since start, client RSS, children RSS)
     peak_hwm = peak_child = 0

@@ -56,7 +56,9 @@ def parser() -> argparse.ArgumentParser:
 
     where = run.add_argument_group("model and cluster")
     where.add_argument(
-        "--model", help="model directory or Hugging Face name (default: the embedded tiny model on CPU hosts)"
+        "--model",
+        help="model directory or Hugging Face name; tiny: the packaged tiny test model "
+        "(default: SmolLM2-135M-Instruct from scripts/setup.sh on hosts without GPUs)",
     )
     where.add_argument(
         "--workers", type=int, metavar="N", help="ranks of the local cluster (default: one per GPU, or 1)"

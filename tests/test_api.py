@@ -14,6 +14,7 @@ import daskdp
 from conftest import REPO, daskdp_cli, read_results
 
 EXAMPLES = REPO / "examples" / "prompts.jsonl"
+EXAMPLE_ROWS = len(EXAMPLES.read_text().splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_read_results_reads_the_chunk_files_only(cli_run, tmp_path):
     pd.testing.assert_frame_equal(computed, read_results(cli_run), check_dtype=False)  # Dask: string[pyarrow]
 
     manifest = daskdp.read_manifest(out)
-    assert manifest["rows"] == 200 and manifest["chunks"] == len(chunk_files)
+    assert manifest["rows"] == EXAMPLE_ROWS and manifest["chunks"] == len(chunk_files)
     assert (
         manifest["input"] == str(EXAMPLES)
         and manifest["settings"]["model"] == daskdp.read_summary(out)["model"]
@@ -97,12 +98,12 @@ def test_run_prints_nothing_from_library_code(tmp_path, cluster):
         "import daskdp, sys\n"
         f"summary = daskdp.run({str(EXAMPLES)!r}, {str(tmp_path / 'out')!r}, "
         f"overrides={{'cluster.scheduler-address': {client.scheduler.address!r}, 'sampling.max-tokens': 4}})\n"
-        "assert summary['rows'] == 200, summary\n"
+        f"assert summary['rows'] == {EXAMPLE_ROWS}, summary\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == ""
-    assert daskdp.read_summary(tmp_path / "out")["rows"] == 200
+    assert daskdp.read_summary(tmp_path / "out")["rows"] == EXAMPLE_ROWS
 
 
 def test_unknown_sampling_setting_is_named(cluster):

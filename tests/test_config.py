@@ -44,8 +44,9 @@ def test_flags_override_environment(config_file, monkeypatch):
     assert settings["sampling"]["temperature"] == 0.5  # a flag not given changes nothing
 
 
-def test_conf_default_yaml_documents_the_real_defaults():
+def test_conf_default_yaml_documents_the_real_defaults(monkeypatch):
     """conf/default.yaml, the user-facing reference, says what the built-in defaults are."""
+    monkeypatch.setattr(config.dask.config, "paths", [])  # not conftest's `model: tiny`
     assert config.load(REPO / "conf" / "default.yaml") == config.load()
 
 
@@ -64,11 +65,39 @@ def test_existing_cluster_example_connects_and_starts_nothing():
     assert settings["run"]["partitioning"] == "dynamic"
 
 
-def test_tiny_model_on_cpu_hosts_and_none_on_gpu_hosts():
+def test_default_model_on_cpu_hosts_tiny_by_name_and_none_on_gpu_hosts(tmp_path, monkeypatch):
+    monkeypatch.setattr(config.dask.config, "paths", [])  # conftest's layer names the tiny model
+    monkeypatch.setattr(config, "DEFAULT_MODEL", tmp_path / "smollm2")
+    with pytest.raises(UserError, match="run bash scripts/setup.sh, or pass --model tiny"):
+        config.engine_arguments(config.load(), gpu_host=False)
+    (tmp_path / "smollm2").mkdir()
+    (tmp_path / "smollm2" / "config.json").write_text("{}")
     model, arguments = config.engine_arguments(config.load(), gpu_host=False)
-    assert model.endswith("tiny-llama") and arguments["dtype"] == "float32"
+    assert model == str(tmp_path / "smollm2")
+    assert arguments["dtype"] == "bfloat16" and arguments["max_model_len"] == 2048
+    assert arguments["kv_cache_memory_bytes"] == 1 << 30 and arguments["enforce_eager"] is True
+    # named by its directory, it gets the same settings
+    assert config.engine_arguments(config.load(overrides={"model": model}), gpu_host=False)[1] == arguments
+
+    model, arguments = config.engine_arguments(config.load(overrides={"model": "tiny"}), gpu_host=False)
+    assert model == str(config.TINY_MODEL) and arguments["dtype"] == "float32"
+    assert arguments["max_model_len"] == 2048
     with pytest.raises(UserError, match="--model"):
         config.engine_arguments(config.load(), gpu_host=True)
+
+
+def test_other_model_directories_get_cpu_defaults_not_the_tiny_models(tmp_path):
+    model, arguments = config.engine_arguments(
+        config.load(overrides={"model": str(tmp_path)}), gpu_host=False
+    )
+    assert model == str(tmp_path) and "dtype" not in arguments
+    assert arguments["max_model_len"] == -1  # the model's own length, or what the KV cache holds
+    assert arguments["kv_cache_memory_bytes"] == 1 << 30 and arguments["enforce_eager"] is True
+
+
+def test_the_test_suite_names_the_tiny_model():
+    """conftest sets the model for every test; none loads the default model by accident."""
+    assert config.load()["model"] == "tiny"
 
 
 @pytest.mark.parametrize("content, message", [(None, "does not exist"), ("a: [1,", "not valid YAML"),

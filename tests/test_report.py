@@ -160,7 +160,7 @@ def test_notebook_runs_top_to_bottom(run, monkeypatch):
     assert bars and all(0 <= bar["value"] <= 1 for bar in bars)  # drawn from the scheduler's reports
     labels = "".join(str(widget["state"].get("value", "")) for widget in widgets.values())
     assert "generate_partition" in labels
-    assert "ex-000" in generating.outputs[-1]["data"]["text/html"]  # the lazy API's first rows
+    assert "q00" in generating.outputs[-1]["data"]["text/html"]  # the lazy API's first rows
 
 
 def synthetic_run(path, results: pd.DataFrame, chunks: list[dict], **totals) -> dict:
