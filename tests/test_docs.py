@@ -87,7 +87,9 @@ def test_every_configuration_key_is_in_the_reference_and_in_conf_default():
     missing = sorted(key for key in keys if f"`{key}`" not in text)
     assert not missing, f"configuration keys missing from docs/reference.md: {missing}"
     listed = config_keys(REPO / "conf" / "default.yaml")
-    assert keys - listed == set(), f"keys of daskdp/daskdp.yaml missing from conf/default.yaml: {keys - listed}"
+    assert keys - listed == set(), (
+        f"keys of daskdp/daskdp.yaml missing from conf/default.yaml: {keys - listed}"
+    )
     assert listed - keys == set(), f"keys in conf/default.yaml that daskdp/daskdp.yaml lacks: {listed - keys}"
 
 
@@ -126,7 +128,9 @@ def test_readme_is_short_and_links_the_docs():
     assert (REPO / "benchmarks" / "README.md").is_file()
 
 
-@pytest.mark.parametrize("page", ["reference.md", "reliability.md", "clusters.md", "performance.md", "gang.md"])
+@pytest.mark.parametrize(
+    "page", ["reference.md", "reliability.md", "clusters.md", "performance.md", "gang.md"]
+)
 def test_relative_links_in_the_docs_resolve(page):
     path = REPO / "docs" / page
     for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", path.read_text()):
