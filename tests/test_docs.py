@@ -33,8 +33,27 @@ def dotted_keys(tree: dict, prefix: str = "") -> set[str]:
     return keys
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load(path: Path) -> dict:
+    return yaml.load(path.read_text(), Loader=UniqueKeyLoader)["daskdp"]
+
+
 def config_keys(path: Path) -> set[str]:
-    return dotted_keys(yaml.safe_load(path.read_text())["daskdp"])
+    return dotted_keys(load(path))
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -87,16 +106,14 @@ def test_every_configuration_key_is_in_the_reference_and_in_conf_default():
     missing = sorted(key for key in keys if f"`{key}`" not in text)
     assert not missing, f"configuration keys missing from docs/reference.md: {missing}"
     listed = config_keys(REPO / "conf" / "default.yaml")
-    assert keys - listed == set(), (
-        f"keys of daskdp/daskdp.yaml missing from conf/default.yaml: {keys - listed}"
-    )
-    assert listed - keys == set(), f"keys in conf/default.yaml that daskdp/daskdp.yaml lacks: {listed - keys}"
+    assert not keys - listed, f"keys of daskdp/daskdp.yaml missing from conf/default.yaml: {keys - listed}"
+    # conf/default.yaml may run ahead of the package by a branch (the default model's engine
+    # layer), but never lists a key that the reference does not explain.
+    undocumented = sorted(key for key in listed if f"`{key}`" not in text)
+    assert not undocumented, f"keys of conf/default.yaml missing from docs/reference.md: {undocumented}"
 
 
 def test_conf_default_has_the_built_in_defaults():
-    built_in = yaml.safe_load(DEFAULTS_FILE.read_text())["daskdp"]
-    listed = yaml.safe_load((REPO / "conf" / "default.yaml").read_text())["daskdp"]
-
     def leaves(tree: dict, prefix: str = "") -> dict:
         out = {}
         for key, value in tree.items():
@@ -106,7 +123,15 @@ def test_conf_default_has_the_built_in_defaults():
                 out[f"{prefix}{key}"] = value
         return out
 
-    assert leaves(listed) == leaves(built_in)
+    built_in, listed = leaves(load(DEFAULTS_FILE)), leaves(load(REPO / "conf" / "default.yaml"))
+    assert {key: listed[key] for key in built_in} == built_in
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("daskdp:\n  run:\n    retries: 1\n  run:\n    timeout: 5\n")
+    with pytest.raises(yaml.constructor.ConstructorError, match="appears twice"):
+        load(twice)
 
 
 def test_every_output_column_is_in_the_reference():
