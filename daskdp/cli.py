@@ -235,16 +235,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"daskdp: stopped by {name} before anything was written", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
-    finish(summary)
+    finish(summary, samples=not args.quiet)
     return 0
 
 
-def finish(summary: dict) -> None:
-    """Print the summary table and write the report."""
+def finish(summary: dict, samples: bool = False) -> None:
+    """Print the summary table (and, with ``samples``, a few generations beside their
+    prompts), and write the report."""
     from daskdp.output.summary import format_summary
     from daskdp.report import write_report
 
     print(format_summary(summary))
+    if samples:
+        print_samples(summary["output"])
     try:
         print(f"report in {write_report(summary['output'])}")
     except Exception as e:  # the results are written; a report that fails must not fail the run
@@ -253,6 +256,23 @@ def finish(summary: dict) -> None:
             f"daskdp: the report could not be written ({e}); try `daskdp report {summary['output']}`",
             file=sys.stderr,
         )
+
+
+def print_samples(output: str) -> None:
+    """Three generations of the first chunk file beside their prompts: the answers a newcomer
+    looks for. Never fails the run: the results are written."""
+    from daskdp.output.read import read_manifest, read_results
+    from daskdp.output.summary import format_samples
+
+    try:
+        columns = read_manifest(output)["settings"]["input"]
+        first = read_results(output).get_partition(0).compute()
+        text = format_samples(first, columns["prompt-column"], columns["messages-column"])
+    except Exception:
+        logging.getLogger("daskdp").debug("no sample generations to show", exc_info=True)
+        return
+    if text:
+        print(f"sample generations:\n{text}")
 
 
 def has_manifest(args: argparse.Namespace) -> bool:

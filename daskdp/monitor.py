@@ -250,18 +250,32 @@ class Monitor:
             else f"rank {rank} {rows:,.0f} rows/s {tokens:,.0f} tok/s"
             for rank, (rows, tokens) in rates.items()
         )
+        eta = eta_text(self.total_rows - done, sum(rows for rows, _ in rates.values()))
         if self.bar is not None:
             self.bar.n = done
-            self.bar.set_postfix_str(per_rank, refresh=True)
+            self.bar.set_postfix_str(f"ETA {eta}; {per_rank}" if eta else per_rank, refresh=True)
         elif self.stream is not None and (final or now - self.last_line >= RATE_WINDOW):
             self.last_line = now
             total = sum(tokens for _, tokens in rates.values())
             print(
                 f"{done:,}/{self.total_rows:,} rows, {total:,.0f} output tokens/s"
+                + (f", ETA {eta}" if eta and not final else "")
                 + (f" ({per_rank})" if per_rank else ""),
                 file=self.stream,
                 flush=True,
             )
+
+
+def eta_text(rows_left: int, rows_per_second: float) -> str:
+    """The time left at the recent rate, as ``1h02m``, ``4m05s`` or ``12s``; "" when unknown."""
+    if rows_left <= 0 or rows_per_second <= 0:
+        return ""
+    seconds = round(rows_left / rows_per_second)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def kill_worker_process(dask_worker) -> None:

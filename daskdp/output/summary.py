@@ -243,3 +243,25 @@ def as_text(table: pd.DataFrame) -> pd.DataFrame:
         return f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
 
     return table.astype(object).map(cell)
+
+
+def format_samples(results: pd.DataFrame, prompt_column: str, messages_column: str, n: int = 3) -> str:
+    """The first ``n`` rows without an error, each prompt beside its generation, one line each:
+    what ``daskdp run`` shows after its summary."""
+    fine = results[results["error"].isna()].head(n)
+    lines = []
+    for _, row in fine.iterrows():
+        prompt = row.get(prompt_column)
+        if not isinstance(prompt, str):
+            conversation = row.get(messages_column)
+            prompt = (
+                str(conversation[-1]["content"]) if conversation is not None and len(conversation) else ""
+            )
+        lines.append(f"> {one_line(prompt, 60)}\n  {one_line(row['generated_text'], 100)}")
+    return "\n".join(lines)
+
+
+def one_line(text: Any, width: int) -> str:
+    """``text`` on one line, cut to ``width`` characters with an ellipsis."""
+    flat = " ".join(str(text if text is not None else "").split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
