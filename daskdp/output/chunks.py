@@ -136,7 +136,7 @@ def _storable(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(**columns)
 
 
-TEMPORARY = re.compile(r"\.(.+)\.tmp-[0-9a-f]{32}")
+TEMPORARY = re.compile(r"\.(.+)\.tmp-[0-9a-f]+")
 
 
 def is_temporary(name: str) -> bool:
