@@ -80,6 +80,8 @@ def test_dynamic_partitioning_gives_the_same_rows(skewed, tmp_path, cluster):
     _, client = cluster
     balanced = run(skewed, tmp_path / "balanced", client)
     dynamic = run(skewed, tmp_path / "dynamic", client, "--partitioning", "dynamic")
+    assert len(set(partitions_of(tmp_path / "balanced").values())) == 2  # one per rank
+    assert len(set(partitions_of(tmp_path / "dynamic").values())) > 4  # several per rank
     assert list(dynamic["id"]) == list(balanced["id"])
     assert list(dynamic["generated_text"]) == list(balanced["generated_text"])
     assert set(dynamic["rank"]) == {0, 1}

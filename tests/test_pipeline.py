@@ -51,7 +51,9 @@ def test_two_ranks_match_plain_vllm(tmp_path, oracle):
     merged = frame.assign(id=range(len(frame))).merge(results, on="id", suffixes=("", "_out"))
     assert (merged["label"] == merged["label_out"]).all()
     assert (merged["score"] == merged["score_out"]).all()
-    assert list(merged["generated_text"]) == [text for text, _, _ in expected["prompts"]]
+    texts = [text for text, _, _ in expected["prompts"]]
+    assert len(set(texts)) == len(texts)  # a mix-up of rows would show
+    assert list(merged["generated_text"]) == texts
     assert list(merged["output_tokens"]) == [n for _, n, _ in expected["prompts"]]
     assert list(merged["prompt_tokens"]) == [n for _, _, n in expected["prompts"]]
     assert "rows" in done.stdout and f"{len(frame):,}" in done.stdout

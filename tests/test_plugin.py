@@ -16,7 +16,6 @@ from distributed import Client
 import daskdp
 from conftest import PARITY_PROMPTS, read_results
 from daskdp import config
-from daskdp.clusters.local import RankedLocalCluster
 from daskdp.engine.loop import GenerationRequest, generate_partition
 from daskdp.engine.plugin import PLUGIN_NAME, EnginePlugin
 from daskdp.strategies.engines import ensure_engines
@@ -45,24 +44,35 @@ def engine_calls(dask_worker) -> int | None:
 
 @pytest.fixture(scope="module")
 def mixed_cluster():
-    """One GPU rank and one worker without the GPU resource; workers inherit a stray VLLM_DP_SIZE."""
-    os.environ["VLLM_DP_SIZE"] = "4"
-    try:
-        cluster = RankedLocalCluster(ranks=1)
-        client = Client(cluster)
-        address = cluster.scheduler_address
-        cpu_worker = subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
-             "--name", "cpu-only", "--host", "127.0.0.1", "--no-dashboard"],
-        )  # fmt: skip
-        client.wait_for_workers(2, timeout=60)
-    finally:
-        del os.environ["VLLM_DP_SIZE"]
+    """A scheduler with one GPU worker and one without the GPU resource, both started as
+    `dask worker` processes that inherit a stray VLLM_DP_SIZE=4."""
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address="127.0.0.1:0")
+    client = Client(cluster)
+    worker = [
+        sys.executable,
+        "-m",
+        "distributed.cli.dask_worker",
+        cluster.scheduler_address,
+        "--nthreads",
+        "1",
+    ]
+    worker += ["--host", "127.0.0.1", "--no-dashboard"]
+    env = {**os.environ, "VLLM_DP_SIZE": "4"}
+    workers = [
+        subprocess.Popen(
+            [*worker, "--name", "gpu", "--resources", "GPU=1", "--preload", "daskdp.engine.plugin"], env=env
+        ),
+        subprocess.Popen([*worker, "--name", "cpu-only"], env=env),
+    ]
+    client.wait_for_workers(2, timeout=120)
     yield cluster, client
     client.close()
     cluster.close()
-    cpu_worker.terminate()
-    cpu_worker.wait(timeout=30)
+    for process in workers:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def test_environment_on_every_rank(cluster):
@@ -102,6 +112,8 @@ def test_warm_engines_are_reused(cluster):
 def test_stray_data_parallel_size_does_not_break_the_engine(mixed_cluster):
     """A worker that inherited VLLM_DP_SIZE=4 still starts its engine, with the value set to 1."""
     _, client = mixed_cluster
+    launched = client.run(lambda: open("/proc/self/environ", "rb").read().split(b"\0"))
+    assert all(b"VLLM_DP_SIZE=4" in environ for environ in launched.values())  # the stray value arrived
     (gpu_worker,) = ensure_engines(client, tiny_plugin(), timeout=300)
     assert client.run(lambda: os.environ["VLLM_DP_SIZE"], workers=[gpu_worker]) == {gpu_worker: "1"}
 
