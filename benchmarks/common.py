@@ -163,7 +163,11 @@ def shown(command: Sequence[str], names: dict[Path, str]) -> str:
 
 
 def run_daskdp(
-    command: list[str], output: Path, env: dict[str, str] | None = None, ranks: int | None = None
+    command: list[str],
+    output: Path,
+    env: dict[str, str] | None = None,
+    ranks: int | None = None,
+    cwd: str | os.PathLike | None = None,
 ) -> dict:
     """Run a ``daskdp run`` command as a fresh process; its time, CPU, phases and ``_summary.json``.
 
@@ -171,12 +175,13 @@ def run_daskdp(
     configuration, the input's schema), ``run()`` (cluster start, engine load, generation and
     writing, cluster shutdown), each rank's busy time inside it (generation and writing of its
     partitions), and ``exit`` (summary written to process gone). ``rank_seconds``: each rank's
-    busy seconds (of ``ranks`` ranks when given).
+    busy seconds (of ``ranks`` ranks when given). ``cwd``: where it runs (``python -m daskdp``
+    imports the ``daskdp`` found there first).
     """
     cpu = cpu_seconds()
     launched = time.time()
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT, cwd=cwd)
     seconds = time.perf_counter() - started
     exited = time.time()
     if done.returncode != 0:
