@@ -19,8 +19,9 @@ import pytest
 
 from conftest import DASKDP, daskdp_cli, plain_vllm, read_results
 
-ROWS = 160
+pytestmark = pytest.mark.slow
 
+ROWS = 160
 
 def staggered_prompts(path, rows=ROWS):
     """Prompts whose rows finish one after another (growing max_tokens), so chunks complete in turn."""
