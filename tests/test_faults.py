@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 ROWS = 160
 
+
 def staggered_prompts(path, rows=ROWS):
     """Prompts whose rows finish one after another (growing max_tokens), so chunks complete in turn."""
     pd.DataFrame(
