@@ -197,12 +197,12 @@ def fill(disk, leave: int) -> None:
     (disk / "filler").write_bytes(b"\0" * max(0, free - leave))
 
 
-def test_a_disk_full_at_the_start(tmp_path, good_input):
+def test_a_disk_full_at_the_start(tmp_path, good_input, cluster):
     """No room even for the manifest: one line naming the directory, exit 1, no traceback, no
     resume line, nothing left behind."""
     disk = tmpfs(tmp_path / "disk", "size=1m")
     fill(disk, leave=0)
-    done = daskdp_cli("run", good_input, "-o", disk / "out")
+    done = daskdp_cli("run", good_input, "-o", disk / "out", *warm(cluster))
     output = done.stdout + done.stderr
     assert done.returncode == 1, output[-3000:]
     assert "Traceback" not in output and "--resume" not in output, output[-3000:]
