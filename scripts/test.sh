@@ -1,15 +1,31 @@
 #!/usr/bin/env bash
 # Set up .venv with the test tools, then lint and run the whole test suite.
+#   bash scripts/test.sh [--fast] [pytest arguments]
+# --fast: the inner loop's lane, under 3 minutes: the tests not marked `slow` (pytest says how
+# many it deselected), without the SLURM start. It still runs `daskdp run` end to end on the
+# real engine against plain vLLM (tests/test_pipeline.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+fast=
+if [ "${1:-}" = "--fast" ]; then
+    fast=1
+    shift
+fi
 bash scripts/setup.sh --test
+if [ -n "$fast" ]; then
+    export DASKDP_SLURM_UNAVAILABLE="${DASKDP_SLURM_UNAVAILABLE:-not started by scripts/test.sh --fast}"
 # A one-node SLURM for tests/test_jobqueue.py. Where it cannot start (no root, no packages),
 # the run goes on and those tests are skipped with the reason.
-if ! slurm_error=$(bash scripts/slurm.sh 2>&1 >/dev/null); then
+elif ! slurm_error=$(bash scripts/slurm.sh 2>&1 >/dev/null); then
     DASKDP_SLURM_UNAVAILABLE=$(printf '%s\n' "$slurm_error" | tail -n1)
     export DASKDP_SLURM_UNAVAILABLE="${DASKDP_SLURM_UNAVAILABLE:-scripts/slurm.sh failed}"
     echo "SLURM unavailable, its tests will be skipped: $DASKDP_SLURM_UNAVAILABLE" >&2
 fi
 .venv/bin/ruff check daskdp tests benchmarks tools
 .venv/bin/ruff format --check daskdp tests benchmarks tools
-.venv/bin/python -m pytest "$@"
+if [ -n "$fast" ]; then
+    echo "fast lane: the tests marked slow or slurm are deselected" >&2
+    .venv/bin/python -m pytest -m "not slow and not slurm" "$@"
+else
+    .venv/bin/python -m pytest "$@"
+fi

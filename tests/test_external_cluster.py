@@ -25,6 +25,8 @@ from distributed import Client
 from conftest import DASKDP, read_results
 from daskdp.engine.plugin import PLUGIN_NAME, engine_status
 
+pytestmark = pytest.mark.slow
+
 DASK = [sys.executable, "-m", "dask"]
 WORKER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
 ROWS = 240

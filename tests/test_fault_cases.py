@@ -69,11 +69,11 @@ def test_a_users_parquet_files_are_never_deleted(tmp_path, good_input, flag):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == USERS_FILES
 
 
-def test_overwrite_deletes_only_what_daskdp_wrote(tmp_path, good_input):
+def test_overwrite_deletes_only_what_daskdp_wrote(tmp_path, good_input, cluster):
     """--overwrite over a finished run's directory replaces it; with a file of the user's beside
     the run's files it refuses, naming that file, and deletes nothing."""
     out = tmp_path / "out"
-    done = daskdp_cli("run", good_input, "-o", out, "--max-tokens", "4", "--quiet")
+    done = daskdp_cli("run", good_input, "-o", out, "--max-tokens", "4", "--quiet", *warm(cluster))
     assert done.returncode == 0, done.stderr[-3000:]
     written = sorted(p.name for p in out.iterdir())
     assert "_manifest.json" in written and "_summary.json" in written
@@ -88,7 +88,9 @@ def test_overwrite_deletes_only_what_daskdp_wrote(tmp_path, good_input):
     (out / "notes.txt").unlink()
     (out / "part-000099.parquet").unlink()
     (out / "._manifest.json.tmp-0123456789abcdef0123456789abcdef").write_text("{")  # a stopped write
-    done = daskdp_cli("run", good_input, "-o", out, "--max-tokens", "4", "--quiet", "--overwrite")
+    done = daskdp_cli(
+        "run", good_input, "-o", out, "--max-tokens", "4", "--quiet", "--overwrite", *warm(cluster)
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == written
     rows = read_results(out)
@@ -96,27 +98,32 @@ def test_overwrite_deletes_only_what_daskdp_wrote(tmp_path, good_input):
     assert json.loads((out / "_summary.json").read_text())["rows"] == 6
 
 
+def warm(cluster) -> list[str]:
+    """Where a test is not about starting a cluster: the shared warm one (tests/conftest.py)."""
+    return ["--scheduler-address", cluster[1].scheduler.address]
+
+
 # Ids -------------------------------------------------------------------------------------------
 
 
-def test_null_ids_are_refused_before_anything_is_written(tmp_path):
+def test_null_ids_are_refused_before_anything_is_written(tmp_path, cluster):
     source = tmp_path / "prompts.jsonl"
     rows = [{"id": f"r{i}", "prompt": f"Question {i}?"} for i in range(20)]
     rows[10]["id"] = None
     rows[14]["id"] = None
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    done = daskdp_cli("run", source, "-o", tmp_path / "out")
+    done = daskdp_cli("run", source, "-o", tmp_path / "out", *warm(cluster))
     error_line(done, "column 'id'", "null in row 10, 14", "give every row an id", cluster_started=True)
     assert not (tmp_path / "out").exists()
     assert "continue with" not in done.stderr
 
 
-def test_repeated_ids_are_refused_before_anything_is_written(tmp_path):
+def test_repeated_ids_are_refused_before_anything_is_written(tmp_path, cluster):
     source = tmp_path / "prompts.parquet"
     ids = [f"r{i}" for i in range(200)]
     ids[150] = "r7"
     pd.DataFrame({"id": ids, "prompt": [f"Question {i}?" for i in range(200)]}).to_parquet(source)
-    done = daskdp_cli("run", source, "-o", tmp_path / "out")
+    done = daskdp_cli("run", source, "-o", tmp_path / "out", *warm(cluster))
     error_line(done, "repeats the id 'r7' in rows 7, 150", "unique", cluster_started=True)
     assert not (tmp_path / "out").exists()
 
@@ -124,7 +131,7 @@ def test_repeated_ids_are_refused_before_anything_is_written(tmp_path):
 # Text that is not UTF-8, JSON that is not JSON -------------------------------------------------
 
 
-def test_text_that_is_not_utf8_is_named_by_its_row(tmp_path):
+def test_text_that_is_not_utf8_is_named_by_its_row(tmp_path, cluster):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -133,14 +140,14 @@ def test_text_that_is_not_utf8_is_named_by_its_row(tmp_path):
     texts[9] = b"caf\xe9 au lait"  # Latin-1, not UTF-8
     prompts = pa.array(texts, type=pa.binary()).view(pa.string())
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(12)], "prompt": prompts}), source)
-    done = daskdp_cli("run", source, "-o", tmp_path / "out")
+    done = daskdp_cli("run", source, "-o", tmp_path / "out", *warm(cluster))
     line = error_line(done, "row 9", "not valid UTF-8", "'prompt'", cluster_started=True)
     assert "Parquet" not in line  # not "check that the file is what its name says"
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("compressed", [False, True])
-def test_a_malformed_json_line_is_named_by_its_number(tmp_path, compressed):
+def test_a_malformed_json_line_is_named_by_its_number(tmp_path, compressed, cluster):
     import gzip
 
     lines = [json.dumps({"prompt": f"Question {i}?"}) for i in range(30)]
@@ -148,7 +155,7 @@ def test_a_malformed_json_line_is_named_by_its_number(tmp_path, compressed):
     text = "\n".join(lines) + "\n"
     source = tmp_path / ("prompts.jsonl.gz" if compressed else "prompts.jsonl")
     source.write_bytes(gzip.compress(text.encode()) if compressed else text.encode())
-    done = daskdp_cli("run", source, "-o", tmp_path / "out")
+    done = daskdp_cli("run", source, "-o", tmp_path / "out", *warm(cluster))
     error_line(done, "as JSON Lines: line 23 is not valid JSON", cluster_started=True)
 
 
@@ -190,12 +197,12 @@ def fill(disk, leave: int) -> None:
     (disk / "filler").write_bytes(b"\0" * max(0, free - leave))
 
 
-def test_a_disk_full_at_the_start(tmp_path, good_input):
+def test_a_disk_full_at_the_start(tmp_path, good_input, cluster):
     """No room even for the manifest: one line naming the directory, exit 1, no traceback, no
     resume line, nothing left behind."""
     disk = tmpfs(tmp_path / "disk", "size=1m")
     fill(disk, leave=0)
-    done = daskdp_cli("run", good_input, "-o", disk / "out")
+    done = daskdp_cli("run", good_input, "-o", disk / "out", *warm(cluster))
     output = done.stdout + done.stderr
     assert done.returncode == 1, output[-3000:]
     assert "Traceback" not in output and "--resume" not in output, output[-3000:]
@@ -204,7 +211,7 @@ def test_a_disk_full_at_the_start(tmp_path, good_input):
     assert not (disk / "out").exists() or list((disk / "out").iterdir()) == []
 
 
-def test_a_disk_full_mid_run(tmp_path):
+def test_a_disk_full_mid_run(tmp_path, cluster):
     """Room for the manifest and a few chunks: exit 1 with one line naming the directory and the
     --resume line, no traceback, no temporary file left; after space is freed, --resume
     finishes with every row once."""
@@ -214,7 +221,7 @@ def test_a_disk_full_mid_run(tmp_path):
     disk = tmpfs(tmp_path / "disk", "size=1m")
     fill(disk, leave=48 * 1024)
     output = disk / "out"
-    done = daskdp_cli("run", source, "-o", output, "--workers", 2, "--chunk-size", 10, "--quiet")
+    done = daskdp_cli("run", source, "-o", output, *warm(cluster), "--chunk-size", 10, "--quiet")
     text = done.stdout + done.stderr
     assert done.returncode == 1, text[-3000:]
     assert "Traceback" not in text and "Compute Failed" not in text, text[-3000:]
@@ -222,7 +229,7 @@ def test_a_disk_full_mid_run(tmp_path):
     assert "continue with:" in text and "--resume" in text, text[-3000:]
     assert not [p for p in output.rglob("*") if ".tmp-" in p.name]
     (disk / "filler").unlink()
-    done = daskdp_cli("run", source, "-o", output, "--workers", 2, "--chunk-size", 10, "--quiet", "--resume")
+    done = daskdp_cli("run", source, "-o", output, *warm(cluster), "--chunk-size", 10, "--quiet", "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_exactly_once(output, rows=160)
 

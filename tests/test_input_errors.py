@@ -66,11 +66,12 @@ def test_empty_parquet(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_empty_jsonl(tmp_path):
+def test_empty_jsonl(tmp_path, cluster):
     """An empty .jsonl file is reported as empty, not as a file missing its prompt column."""
     source = tmp_path / "empty.jsonl"
     source.write_text("")
-    done = daskdp_cli("run", source, "-o", tmp_path / "out")
+    address = cluster[1].scheduler.address  # read on the shared warm cluster
+    done = daskdp_cli("run", source, "-o", tmp_path / "out", "--scheduler-address", address)
     line = error_line(done, str(source), cluster_started=True)
     assert re.search(r"no rows|empty", line), line
     assert "--prompt-column" not in line, f"renaming a column cannot fix an empty file: {line!r}"

@@ -13,7 +13,15 @@ from conftest import REPO
 @pytest.mark.slow
 def test_load_benchmark_runs():
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "load.py"), "--rows", "200", "500"],
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "load.py"),
+            "--rows",
+            "200",
+            "500",
+            "--workers",
+            "1",
+        ],  # one engine to load
         capture_output=True,
         text=True,
         timeout=900,

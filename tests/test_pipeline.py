@@ -172,6 +172,7 @@ def test_import_and_help_do_not_load_the_engine():
     assert "--scheduler-address" in done.stdout and "--ignore-eos" in done.stdout
 
 
+@pytest.mark.slow
 def test_run_deadline_stops_the_run(tmp_path):
     """--timeout bounds the whole run; the message names what was unfinished and where."""
     source = tmp_path / "long.parquet"

@@ -31,14 +31,16 @@ BAD_ROWS = [
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One `daskdp run` on two ranks, with a few rows that cannot be generated."""
+def run(tmp_path_factory, cluster):
+    """One `daskdp run` on the two ranks of the shared warm cluster, with a few rows that cannot be
+    generated."""
     directory = tmp_path_factory.mktemp("report")
     source = directory / "prompts.jsonl"
     rows = [{"id": f"ok-{i}", "prompt": prompt} for i, prompt in enumerate(PARITY_PROMPTS[:30])] + BAD_ROWS
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = directory / "out"
-    done = daskdp_cli("run", source, "-o", out, "--workers", 2, "--max-tokens", 16, "--quiet")
+    address = cluster[1].scheduler.address
+    done = daskdp_cli("run", source, "-o", out, "--scheduler-address", address, "--max-tokens", 16, "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
 

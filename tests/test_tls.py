@@ -23,6 +23,8 @@ from conftest import daskdp_cli, read_results
 from daskdp.clusters import connect
 from daskdp.errors import UserError
 
+pytestmark = pytest.mark.slow
+
 DASK = [sys.executable, "-m", "dask"]
 
 
