@@ -48,7 +48,7 @@ def check_output(output: str, resume: bool, overwrite: bool) -> None:
             f"output directory {output} holds files that no daskdp run wrote ({shown}); "
             "daskdp never deletes them: choose another -o/--output, or move them away"
         )
-    if read_manifest(output) is not None and not (resume or overwrite):
+    if MANIFEST_FILE in owned and not (resume or overwrite):  # owned only when it reads as one
         raise UserError(
             f"output directory {output} holds the results of an earlier run; pass --resume to "
             "continue it, --overwrite to replace it, or choose another -o/--output"
