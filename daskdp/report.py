@@ -20,7 +20,7 @@ import pandas as pd
 
 from daskdp.errors import UserError
 from daskdp.output.read import chunk_files, read_summary
-from daskdp.output.schema import REPORT_FILE, RESULT_DTYPES, SUMMARY_FILE, result_meta
+from daskdp.output.schema import REPORT_FILE, RESULT_COLUMNS, SUMMARY_FILE, result_meta
 from daskdp.output.summary import as_text, format_table, rank_totals, summary_chunks, summary_table
 
 __all__ = [
@@ -245,7 +245,7 @@ def error_table(results: pd.DataFrame) -> pd.DataFrame:
 def sample_table(results: pd.DataFrame, n: int = 10, seed: int = 0) -> pd.DataFrame:
     """``n`` rows without an error, drawn at random: their input columns beside the generated text."""
     fine = results[results["error"].isna()]
-    inputs = [c for c in results.columns if c not in RESULT_DTYPES]
+    inputs = [c for c in results.columns if c not in RESULT_COLUMNS]
     picked = fine.sample(min(n, len(fine)), random_state=seed).sort_index()
     return picked[[*inputs, "generated_text"]].reset_index(drop=True)
 
