@@ -294,6 +294,7 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
                 "model": summary["model"],
                 "started": started.isoformat(sep=" ", timespec="seconds"),
                 "chunks": f"of {summary['chunk_rows']:,} rows",
+                "output rows": f"{summary.get('output_rows', summary['rows_done']):,}, a row per sample",
                 "sampling": _settings(summary["sampling"]),
                 "engine": _settings(summary["engine"]),
             }
