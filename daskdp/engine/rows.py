@@ -187,7 +187,8 @@ class Sample(NamedTuple):
 
 
 def result_array(name: str, values: Any, dtype: Any) -> Any:
-    """A result column's values as the array its dtype holds."""
+    """A result column's values as the array its dtype holds; the logprobs columns as Arrow data,
+    which the writer stores with no Python object per token (the lazy API makes them objects)."""
     if name in LOGPROB_COLUMNS:
         return pd.arrays.ArrowExtensionArray(logprobs_array(values))
     return pd.array(values, dtype=dtype)

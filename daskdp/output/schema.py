@@ -44,7 +44,7 @@ RESULT_COLUMNS = {
     "queue_seconds": ("Float64", "double"),
     # n samples and logprobs (issue 22): always present, null when not asked for.
     "sample": ("Int64", "int64"),  # 0..n-1; null for a request that failed (one row)
-    "logprobs": (None, "token_logprobs"),  # per generated token
+    "logprobs": (None, "token_logprobs"),  # per generated token; pandas: objects (result_dtypes)
     "cumulative_logprob": ("Float64", "double"),
     "prompt_logprobs": (None, "token_logprobs"),  # per prompt token (the first null); sample 0 only
 }
@@ -87,13 +87,14 @@ def arrow_type(name: str):
 
 
 def result_dtypes() -> dict[str, Any]:
-    """The pandas dtype of every result column; nested ones hold Arrow data (``pd.ArrowDtype``)."""
-    import pandas as pd
+    """The pandas dtype of every result column.
 
-    return {
-        name: dtype if dtype is not None else pd.ArrowDtype(arrow_type(name))
-        for name, (dtype, _) in RESULT_COLUMNS.items()
-    }
+    The nested ones (logprobs) are objects, lists of dicts, as ``pd.read_parquet`` reads any
+    nested column back: ``pd.ArrowDtype`` of a nested type is written into Parquet metadata by
+    name, and pandas cannot parse that name when it reads the file. The writer gets them as
+    Arrow data all the same (`daskdp.engine.rows`), without a Python object per token.
+    """
+    return {name: dtype or "object" for name, (dtype, _) in RESULT_COLUMNS.items()}
 
 
 RECORD_DTYPES = {
