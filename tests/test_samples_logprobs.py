@@ -230,8 +230,9 @@ def test_an_input_column_named_like_a_result_column_is_refused(tmp_path, column)
 
 @pytest.mark.slow
 def test_a_killed_n_4_run_resumes_with_every_sample_once(tmp_path, cluster):
-    """SIGKILL a run of 4 samples per row once some chunks are written; --resume finishes it with
-    every (id, sample) exactly once, and the chunk records count input rows."""
+    """SIGKILL a run of 4 samples per row once some chunks are written; --resume with another n is
+    refused, and with the same settings finishes it with every (id, sample) exactly once; the
+    chunk records count input rows."""
     rows = 80
     source = tmp_path / "prompts.parquet"
     pd.DataFrame(
@@ -252,7 +253,11 @@ def test_a_killed_n_4_run_resumes_with_every_sample_once(tmp_path, cluster):
     records = [json.loads(p.read_text()) for p in (output / "_chunks").glob("*.done.json")]
     assert records and all(r["rows"] == 10 and r["output_rows"] == 40 for r in records)
 
-    done = daskdp_cli("run", source, *args, "--scheduler-address", cluster[1].scheduler.address, "--resume")
+    address = ["--scheduler-address", cluster[1].scheduler.address]
+    changed = [*args[:5], 2, *args[6:]]  # --n 2
+    refused = daskdp_cli("run", source, *changed, *address, "--resume")
+    error_line(refused, "cannot resume", "sampling.n: 4 then, 2 now")
+    done = daskdp_cli("run", source, *args, *address, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     results = read_results(output)
     pairs = sorted(zip(results["id"], results["sample"], strict=True))

@@ -251,9 +251,12 @@ def as_text(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_samples(results: pd.DataFrame, prompt_column: str, messages_column: str, n: int = 3) -> str:
-    """The first ``n`` rows without an error, each prompt beside its generation, one line each:
+    """The first ``n`` rows without an error (sample 0 of each), each prompt beside its generation, one line each:
     what ``daskdp run`` shows after its summary."""
-    fine = results[results["error"].isna()].head(n)
+    fine = results[results["error"].isna()]
+    if "sample" in fine:  # one sample of each prompt: three prompts, not three samples of one
+        fine = fine[fine["sample"] == 0]
+    fine = fine.head(n)
     lines = []
     for _, row in fine.iterrows():
         prompt = row.get(prompt_column)
