@@ -277,11 +277,15 @@ def print_samples(output: str) -> None:
     """Three generations of the first chunk file beside their prompts: the answers a newcomer
     looks for. Never fails the run: the results are written."""
     from daskdp.output.read import read_manifest, read_results
+    from daskdp.output.schema import LOGPROB_COLUMNS
     from daskdp.output.summary import format_samples
 
     try:
         columns = read_manifest(output)["settings"]["input"]
-        first = read_results(output).get_partition(0).compute()
+        results = read_results(output)
+        # Not the logprobs: tens of thousands of objects per chunk that the samples do not show.
+        first = results.drop(columns=[c for c in LOGPROB_COLUMNS if c in results.columns])
+        first = first.get_partition(0).compute()
         text = format_samples(first, columns["prompt-column"], columns["messages-column"])
     except Exception:
         logging.getLogger("daskdp").debug("no sample generations to show", exc_info=True)
