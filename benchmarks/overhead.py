@@ -14,6 +14,14 @@ each timed with ``time.perf_counter`` around the subprocess, from process start 
 
 Both generate 32 tokens per prompt with ``ignore_eos`` and greedy decoding (the sampling settings
 and engine arguments are taken from daskdp's own configuration, so both sides get the same).
+
+``--workload samples`` (issue 22): n = 4 samples per prompt with their logprobs (K = 5),
+temperature 0.8 and seed 0, on both sides (``--n 4 --logprobs 5 --temperature 0.8 --seed 0``).
+daskdp writes a row per sample with its ``logprobs`` column; the baseline writes a row per sample
+with its text and ``cumulative_logprob`` only (the least a user of plain vLLM writes), so the
+ratio holds all of daskdp's cost of carrying the logprobs into Parquet. Every (id, sample)
+must be there with 32 tokens; the first round compares the sampled texts (same seed: the same
+samples).
 Every run is checked to have produced all rows; the first round also compares the texts
 (greedy decoding is deterministic). The report gives each time, the median and spread of each
 side, the ratio b/a of the medians and per round, rows/s, and the target b/a <= 1.05 (issue 4). The
@@ -71,7 +79,8 @@ from common import (
     daskdp_command,
     make_prompts,
     phase_lines,
-    run_daskdp_checked,
+    read_shards,
+    run_daskdp,
     run_process,
     settings,
     shown,
@@ -84,6 +93,9 @@ from common import (
 
 MAX_TOKENS = 32
 TARGET = 1.05
+# --workload samples: daskdp's flags, and the same as SamplingParams arguments for the baseline.
+SAMPLES_FLAGS = ["--n", "4", "--logprobs", "5", "--temperature", "0.8", "--seed", "0"]
+SAMPLES = {"n": 4, "logprobs": 5, "temperature": 0.8, "seed": 0}
 
 # The baseline: one plain vLLM engine in one process. Phase times go to stdout as one JSON line.
 BASELINE = r"""
@@ -101,11 +113,14 @@ llm = LLM(model=spec["model"], **spec["engine"])
 t_load = time.perf_counter()
 outputs = llm.generate(frame["prompt"].tolist(), SamplingParams(**spec["sampling"]), use_tqdm=False)
 t_generate = time.perf_counter()
-frame = frame.assign(
-    generated_text=[o.outputs[0].text for o in outputs],
-    prompt_tokens=[len(o.prompt_token_ids) for o in outputs],
-    output_tokens=[len(o.outputs[0].token_ids) for o in outputs],
-    finish_reason=[o.outputs[0].finish_reason for o in outputs],
+samples = [(i, c) for i, o in enumerate(outputs) for c in sorted(o.outputs, key=lambda c: c.index)]
+frame = frame.iloc[[i for i, _ in samples]].assign(
+    sample=[c.index for _, c in samples],
+    generated_text=[c.text for _, c in samples],
+    prompt_tokens=[len(outputs[i].prompt_token_ids) for i, _ in samples],
+    output_tokens=[len(c.token_ids) for _, c in samples],
+    finish_reason=[c.finish_reason for _, c in samples],
+    cumulative_logprob=[c.cumulative_logprob for _, c in samples],
 )
 frame.to_parquet(spec["output"], index=False)
 t_write = time.perf_counter()
@@ -135,6 +150,21 @@ def run_baseline(source: Path, output: Path, model: str, engine_args: dict, samp
     return run
 
 
+def check_samples(name: str, results: pd.DataFrame, rows: int, tokens: int) -> pd.DataFrame:
+    """Every (id, sample) of n = 4 exactly once, with ``tokens`` tokens and no error; sorted."""
+    n = SAMPLES["n"]
+    results = results.assign(id=results["id"].astype("int64"), sample=results["sample"].astype("int64"))
+    results = results.sort_values(["id", "sample"], ignore_index=True)
+    expected = pd.DataFrame({"id": range(rows)}).merge(pd.DataFrame({"sample": range(n)}), how="cross")
+    if not results[["id", "sample"]].equals(expected):
+        raise SystemExit(
+            f"{name} did not produce every (id, sample) once: {len(results)} rows, expected {rows * n}"
+        )
+    if (results["output_tokens"] != tokens).any() or results.get("error", pd.Series()).notna().any():
+        raise SystemExit(f"{name}: rows with an error or not of {tokens} tokens")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000, help="prompts to generate (default 20,000)")
@@ -143,19 +173,30 @@ def main(argv: list[str] | None = None) -> int:
         "--chunk-size", type=int, help="daskdp's --chunk-size (default: daskdp's own default)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory and print its path")
+    parser.add_argument(
+        "--workload",
+        choices=["greedy", "samples"],
+        default="greedy",
+        help="greedy (default), or samples: n = 4 with logprobs K = 5 at temperature 0.8, seed 0",
+    )
     args = parser.parse_args(argv)
     if args.rows < 1 or args.repeats < 1:
         parser.error("--rows and --repeats must be at least 1")
 
     model, engine_args, sampling = settings(MAX_TOKENS)
+    samples = args.workload == "samples"
+    if samples:
+        sampling = {**sampling, **SAMPLES}
     env = worker_environment(0, 1)
     with work_directory("daskdp-overhead-", args.keep) as workdir:
         source = workdir / "prompts.parquet"
         make_prompts(args.rows).to_parquet(source, index=False)
         out_b = workdir / "daskdp.out"
         extra = ["--chunk-size", str(args.chunk_size)] if args.chunk_size else []
+        extra += SAMPLES_FLAGS if samples else []
         command = daskdp_command(source, out_b, 1, MAX_TOKENS, *extra)
-        print(f"workload      {args.rows:,} prompts x {MAX_TOKENS} tokens, ignore_eos, greedy; {source}")
+        shape = "n = 4 samples with logprobs K = 5, temperature 0.8" if samples else "greedy"
+        print(f"workload      {args.rows:,} prompts x {MAX_TOKENS} tokens, ignore_eos, {shape}; {source}")
         print(f"model         {model}")
         print(f"engine        {json.dumps(engine_args)}")
         print(f"baseline env  {threads(env)} (as daskdp's single rank)")
@@ -167,10 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(1, args.repeats + 1):
             out_a = workdir / f"baseline-{round_}.parquet"
             a = run_baseline(source, out_a, model, engine_args, sampling, env)
-            baseline = check_rows("baseline", pd.read_parquet(out_a), args.rows, MAX_TOKENS)
+            check = check_samples if samples else check_rows
+            baseline = check("baseline", pd.read_parquet(out_a), args.rows, MAX_TOKENS)
             sides.record(round_, "a", a)
 
-            b, ours = run_daskdp_checked(command, out_b, "daskdp", args.rows, MAX_TOKENS)
+            b = run_daskdp(command, out_b)
+            ours = check("daskdp", read_shards(out_b), args.rows, MAX_TOKENS)
             sides.record(round_, "b", b)
             if round_ == 1:
                 print(f"round {round_}  texts: {texts_differ(baseline, ours)}")

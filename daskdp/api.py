@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from daskdp import config
 from daskdp.clusters.ranks import visible_gpus
+from daskdp.engine.requests import check_sampling
 from daskdp.errors import UserError
 from daskdp.output.read import read_manifest, read_results, read_summary
 
@@ -16,6 +17,11 @@ if TYPE_CHECKING:
     from distributed import Client
 
 __all__ = ["generate", "read_manifest", "read_results", "read_summary"]
+
+SAMPLING_ARGUMENTS = {
+    *("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"),
+    *("n", "logprobs", "prompt_logprobs"),
+}
 
 
 def generate(
@@ -45,7 +51,9 @@ def generate(
         The Dask client; default: the current one.
     **sampling
         Sampling settings: ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``,
-        ``stop``, ``ignore_eos``.
+        ``stop``, ``ignore_eos``; ``n`` (samples per prompt, one row each, with ``sample``
+        0..n-1), ``logprobs`` and ``prompt_logprobs`` (K alternatives per token). Columns of the
+        prompts override them per row (docs/row-control.md).
 
     Examples
     --------
@@ -53,16 +61,19 @@ def generate(
     >>> client = Client(daskdp.RankedLocalCluster(ranks=2))  # doctest: +SKIP
     >>> results = daskdp.generate("prompts.parquet", max_tokens=64)  # doctest: +SKIP
     >>> results.head()  # doctest: +SKIP
+    >>> samples = daskdp.generate(frame, n=4, temperature=0.8, seed=0, logprobs=5)  # doctest: +SKIP
     """
+    import dask
     import dask.dataframe as dd
     import pandas as pd
     from distributed import get_client
 
-    unknown = set(sampling) - {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"}
+    unknown = set(sampling) - SAMPLING_ARGUMENTS
     if unknown:
         raise TypeError(f"generate() got unknown sampling settings: {', '.join(sorted(unknown))}")
     overrides = {"model": model, **{f"sampling.{k.replace('_', '-')}": v for k, v in sampling.items()}}
     settings = config.load(config_file, overrides)
+    check_sampling(settings["sampling"])
     input_settings = settings["input"]
     if client is None:
         try:
@@ -96,7 +107,8 @@ def generate(
         frame = read_prompts(os.fspath(prompts), input_settings).frame
     elif isinstance(prompts, pd.DataFrame):
         check_columns(prompts, "the DataFrame", input_settings)
-        frame = dd.from_pandas(prompts, npartitions=1, sort=False)
+        with dask.config.set({"dataframe.convert-string": False}):  # lists (stop, messages) stay lists
+            frame = dd.from_pandas(prompts, npartitions=1, sort=False)
     else:
         check_columns(prompts._meta, "the DataFrame", input_settings)
         frame = prompts

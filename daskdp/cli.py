@@ -93,6 +93,18 @@ def parser() -> argparse.ArgumentParser:
     sampling.add_argument(
         "--ignore-eos", action="store_true", default=None, help="generate max-tokens even past EOS"
     )
+    sampling.add_argument(
+        "--n", type=int, metavar="N", help="samples per prompt, one output row each (needs --temperature > 0)"
+    )
+    sampling.add_argument(
+        "--logprobs", type=int, metavar="K", help="each output token's logprob and its top-K alternatives"
+    )
+    sampling.add_argument(
+        "--prompt-logprobs",
+        type=int,
+        metavar="K",
+        help="each prompt token's logprob and its top-K alternatives",
+    )
 
     limits = run.add_argument_group("checkpoints and limits")
     limits.add_argument("--chunk-size", type=int, metavar="ROWS", help="rows written together (default 1024)")
@@ -159,6 +171,9 @@ def overrides(args: argparse.Namespace) -> dict:
         "sampling.seed": args.seed,
         "sampling.stop": args.stop,
         "sampling.ignore-eos": args.ignore_eos,
+        "sampling.n": args.n,
+        "sampling.logprobs": args.logprobs,
+        "sampling.prompt-logprobs": args.prompt_logprobs,
         "cluster.tls-ca-file": args.tls_ca_file,
         "cluster.tls-cert": args.tls_cert,
         "cluster.tls-key": args.tls_key,
@@ -262,11 +277,15 @@ def print_samples(output: str) -> None:
     """Three generations of the first chunk file beside their prompts: the answers a newcomer
     looks for. Never fails the run: the results are written."""
     from daskdp.output.read import read_manifest, read_results
+    from daskdp.output.schema import LOGPROB_COLUMNS
     from daskdp.output.summary import format_samples
 
     try:
         columns = read_manifest(output)["settings"]["input"]
-        first = read_results(output).get_partition(0).compute()
+        results = read_results(output)
+        # Not the logprobs: tens of thousands of objects per chunk that the samples do not show.
+        first = results.drop(columns=[c for c in LOGPROB_COLUMNS if c in results.columns])
+        first = first.get_partition(0).compute()
         text = format_samples(first, columns["prompt-column"], columns["messages-column"])
     except Exception:
         logging.getLogger("daskdp").debug("no sample generations to show", exc_info=True)

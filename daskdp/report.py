@@ -20,7 +20,7 @@ import pandas as pd
 
 from daskdp.errors import UserError
 from daskdp.output.read import chunk_files, read_summary
-from daskdp.output.schema import REPORT_FILE, RESULT_DTYPES, SUMMARY_FILE, result_meta
+from daskdp.output.schema import LOGPROB_COLUMNS, REPORT_FILE, RESULT_COLUMNS, SUMMARY_FILE, result_meta
 from daskdp.output.summary import as_text, format_table, rank_totals, summary_chunks, summary_table
 
 __all__ = [
@@ -245,7 +245,7 @@ def error_table(results: pd.DataFrame) -> pd.DataFrame:
 def sample_table(results: pd.DataFrame, n: int = 10, seed: int = 0) -> pd.DataFrame:
     """``n`` rows without an error, drawn at random: their input columns beside the generated text."""
     fine = results[results["error"].isna()]
-    inputs = [c for c in results.columns if c not in RESULT_DTYPES]
+    inputs = [c for c in results.columns if c not in RESULT_COLUMNS]
     picked = fine.sample(min(n, len(fine)), random_state=seed).sort_index()
     return picked[[*inputs, "generated_text"]].reset_index(drop=True)
 
@@ -264,10 +264,14 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
     """
     import fsspec
     import pyarrow.compute
+    import pyarrow.parquet as pq
 
     results, summary, fs, files = _load(path, ANALYSIS_COLUMNS, max_rows=MAX_REPORT_ROWS)
     if len(results):
-        sample = sample_table(_read_chunks(fs, files[:1]), sample_rows)
+        # The first chunk without its logprobs: tens of thousands of objects the table does not show.
+        names = pq.read_schema(files[0], filesystem=fs).names
+        columns = [name for name in names if name not in LOGPROB_COLUMNS]
+        sample = sample_table(_read_chunks(fs, files[:1], columns), sample_rows)
         samples = (
             f"<p>{len(sample):,} rows without an error from the first chunk, beside their input.</p>"
             + sample.to_html(index=False, na_rep="")
@@ -294,6 +298,7 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
                 "model": summary["model"],
                 "started": started.isoformat(sep=" ", timespec="seconds"),
                 "chunks": f"of {summary['chunk_rows']:,} rows",
+                "output rows": f"{summary.get('output_rows', summary['rows_done']):,}, a row per sample",
                 "sampling": _settings(summary["sampling"]),
                 "engine": _settings(summary["engine"]),
             }

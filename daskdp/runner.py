@@ -16,7 +16,7 @@ from daskdp import config
 from daskdp.clusters import connect
 from daskdp.clusters.ranks import cluster_gpu_workers, visible_gpus
 from daskdp.engine.plugin import EnginePlugin
-from daskdp.engine.requests import GenerationRequest
+from daskdp.engine.requests import GenerationRequest, check_sampling
 from daskdp.errors import RunError, UserError
 from daskdp.inputs.read import read_prompts
 from daskdp.logs import silenced
@@ -92,6 +92,7 @@ def run(
     >>> daskdp.run("prompts.parquet", overrides={"sampling.max-tokens": 64})  # doctest: +SKIP
     """
     settings = config.load(config_file, overrides)
+    check_sampling(settings["sampling"])
     model, engine_args = config.engine_arguments(settings, gpu_host=bool(visible_gpus()))
     check_model(model)
     from daskdp.strategies import gang  # gang mode (MoE with expert parallelism)
@@ -112,7 +113,7 @@ def run(
                 print(f"Dask dashboard: {client.dashboard_link}", file=progress)
             logger.info("Dask dashboard: %s", client.dashboard_link)
             # A bad input fails here, before any engine loads.
-            survey = prompts.survey(int(settings["sampling"]["max-tokens"]))
+            survey = prompts.survey(int(settings["sampling"]["max-tokens"]), settings["sampling"]["n"])
             planned = max(1, len(cluster_gpu_workers(client)))
             layout, earlier = prepare_output(
                 output,

@@ -24,9 +24,20 @@ def benchmark(script: str, *args: str, timeout: float = 900) -> list[str]:
 
 
 @pytest.mark.slow
-def test_overhead_benchmark_runs():
-    lines = benchmark("overhead.py", "--rows", "200", "--repeats", "1")
+@pytest.mark.parametrize("workload", ["greedy", "samples"])
+def test_overhead_benchmark_runs(workload):
+    lines = benchmark("overhead.py", "--rows", "200", "--repeats", "1", "--workload", workload)
     assert any(line.startswith("ratio b/a") for line in lines), lines
+    if workload == "samples":  # the same seed: the same samples on both sides
+        assert any("texts: identical" in line for line in lines), lines
+
+
+@pytest.mark.slow
+def test_logprobs_memory_benchmark_runs():
+    lines = benchmark("logprobs_memory.py", "--rows", "200")
+    assert any(line.startswith("target     client peak b/a") for line in lines), lines
+    (files,) = [line for line in lines if line.startswith("ratio b/a  chunk files")]
+    assert float(files.split()[-1]) > 2, lines  # the logprobs are in the files
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import PARITY_PROMPTS, REPO, daskdp_cli
 from daskdp.output.directory import check_output
-from daskdp.output.schema import CHUNK_FILE, REPORT_FILE, RESULT_DTYPES, SUMMARY_FILE
+from daskdp.output.schema import CHUNK_FILE, REPORT_FILE, SUMMARY_FILE, result_dtypes
 from daskdp.output.summary import write_summary
 
 NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"
@@ -204,7 +204,7 @@ def synthetic_run(path, results: pd.DataFrame, chunks: list[dict], **totals) -> 
 
 def results_frame(n: int, errors: list[str | None]) -> pd.DataFrame:
     results = pd.DataFrame({"id": range(n), "prompt": [f"p{i}" for i in range(n)]}).assign(
-        **{name: pd.Series([None] * n, dtype=dtype) for name, dtype in RESULT_DTYPES.items()}
+        **{name: pd.Series([None] * n, dtype=dtype) for name, dtype in result_dtypes().items()}
     )
     return results.assign(
         error=pd.array(errors, dtype="string"),

@@ -25,7 +25,7 @@ import pandas as pd
 from daskdp.engine.requests import GenerationRequest
 from daskdp.engine.rows import Chunk
 from daskdp.output.chunks import done_chunks, write_chunk, write_timed_out
-from daskdp.output.schema import RECORD_DTYPES, SKIPPED, record_meta, result_meta
+from daskdp.output.schema import LOGPROB_COLUMNS, RECORD_DTYPES, SKIPPED, record_meta, result_meta
 
 if TYPE_CHECKING:
     from dask.typing import Key
@@ -147,7 +147,8 @@ def chunk_loop(
     for chunk in stopped:
         chunk.give_up(f"stopped by the chunk timeout of {request.chunk_timeout:g} s")
     done = sorted(finished + stopped, key=lambda chunk: chunk.number)
-    return pd.concat([chunk.results(rank, worker.address) for chunk in done])
+    results = pd.concat([chunk.results(rank, worker.address) for chunk in done])
+    return results.astype(dict.fromkeys(LOGPROB_COLUMNS, object))  # as the meta says (result_dtypes)
 
 
 def generate_chunks(

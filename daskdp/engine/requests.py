@@ -16,13 +16,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from daskdp.errors import first_line
+from daskdp.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from vllm import LLM
 
 SAMPLING_KEYS = ("temperature", "top-p", "top-k", "max-tokens", "seed", "stop", "ignore-eos")
+SAMPLES_KEYS = ("n", "logprobs", "prompt-logprobs")  # n samples and logprobs (issue 22)
 OVERRIDE_COLUMNS = ("max_tokens", "temperature", "seed")
+# Per-row top_p, top_k, stop, n and top_logprobs (issue 22); top_logprobs is OpenAI's name for
+# the number of alternatives per token, the run's `sampling.logprobs`.
+SAMPLES_OVERRIDE_COLUMNS = ("top_p", "top_k", "stop", "n", "top_logprobs")
+INTEGER_COLUMNS = ("max_tokens", "seed", "top_k", "n", "top_logprobs")
+ENGINE_NAMES = {"top_logprobs": "logprobs"}  # per-row column -> SamplingParams argument
+GREEDY = 1e-5  # vLLM's: a temperature below this is greedy decoding
 _request_ids = itertools.count()  # unique in the process, so in its engine
 
 
@@ -103,19 +110,24 @@ def engine_params(part: pd.DataFrame, request: GenerationRequest, errors: np.nda
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    base = {key.replace("-", "_"): request.sampling[key] for key in SAMPLING_KEYS}
+    base = {key.replace("-", "_"): request.sampling.get(key) for key in SAMPLING_KEYS + SAMPLES_KEYS}
     base["stop"] = list(base["stop"] or []) or None
-    overrides = [column for column in OVERRIDE_COLUMNS if column in part]
+    base["n"] = int(base["n"] or 1)
+    # Logprobs as flat lists rather than a dict per token: far fewer objects for `rows` to read.
+    base["flat_logprobs"] = True
+    overrides = [column for column in OVERRIDE_COLUMNS + SAMPLES_OVERRIDE_COLUMNS if column in part]
     values = [part[column].to_numpy(dtype=object) for column in overrides]
     cache: dict[tuple, Any] = {}
     params: list = [None] * len(part)
     for i in range(len(part)):
         if errors[i] is not None:
             continue
-        key = tuple(None if is_missing(v[i]) else v[i] for v in values)
+        key = tuple(_hashable(v[i]) for v in values)
         if key not in cache:
             try:
-                cache[key] = SamplingParams(**{**base, **_row_overrides(overrides, key)})
+                settings = {**base, **_row_overrides(overrides, key)}
+                _check_samples(settings)
+                cache[key] = SamplingParams(**settings)
                 cache[key].output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate asks
             except (TypeError, ValueError) as e:
                 cache[key] = f"bad sampling value: {first_line(e, 200)}"
@@ -126,21 +138,69 @@ def engine_params(part: pd.DataFrame, request: GenerationRequest, errors: np.nda
     return params
 
 
+def _hashable(value: Any) -> Any:
+    """A row's value as a key of the parameters cache: null as None, lists (stop) as tuples."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return tuple(value)
+    return None if is_missing(value) else value
+
+
 def _row_overrides(columns: list[str], values: tuple) -> dict[str, Any]:
     overrides = {}
     for column, value in zip(columns, values, strict=True):
         if value is None:
             continue
-        if column in ("max_tokens", "seed"):
+        if column in INTEGER_COLUMNS:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"{column} must be an integer, got {value}")
             value = int(value)
+        elif column == "stop":
+            value = _stop_strings(value)
         else:
             value = float(value)
-        overrides[column] = value
+        overrides[ENGINE_NAMES.get(column, column)] = value
     if overrides.get("max_tokens", 1) < 1:
         raise ValueError(f"max_tokens must be at least 1, got {overrides['max_tokens']}")
+    if overrides.get("n", 1) < 1:
+        raise ValueError(f"n must be at least 1, got {overrides['n']}")
+    if overrides.get("logprobs", 0) < 0:
+        raise ValueError(f"top_logprobs must be at least 0, got {overrides['logprobs']}")
     return overrides
+
+
+def _stop_strings(value: Any) -> list[str]:
+    """A row's ``stop``: one string or a list of strings."""
+    strings = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(s, str) and s for s in strings):
+        raise ValueError(f"stop must be a string or a list of non-empty strings, got {value!r}")
+    return strings
+
+
+def _check_samples(settings: dict[str, Any]) -> None:
+    """Refuse n > 1 with greedy decoding: the n samples would all be the same text."""
+    if settings["n"] > 1 and (settings["temperature"] or 0) < GREEDY:
+        raise ValueError(
+            f"n is {settings['n']} with temperature {settings['temperature']:g} (greedy decoding): "
+            "the samples would all be the same; give a temperature above 0, or n 1"
+        )
+
+
+def check_sampling(sampling: dict[str, Any]) -> None:
+    """Refuse, before any cluster starts, run-wide sampling settings that no row could use:
+    n below 1 or with greedy decoding, negative logprobs."""
+    for key in ("n", "logprobs", "prompt-logprobs"):
+        value = sampling.get(key)
+        if value is None and key != "n":
+            continue
+        least = 1 if key == "n" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"sampling.{key} (--{key}) must be an integer of at least {least}, got {value!r}")
+    if sampling["n"] > 1 and float(sampling["temperature"]) < GREEDY:
+        raise UserError(
+            f"--n {sampling['n']} with temperature {float(sampling['temperature']):g} (greedy decoding) "
+            "would give the same sample n times; pass --temperature above 0 (and --seed to repeat "
+            "the run's samples), or --n 1"
+        )
 
 
 def _tokenize(llm: LLM, part: pd.DataFrame, request: GenerationRequest, errors: np.ndarray) -> list:

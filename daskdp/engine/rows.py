@@ -4,13 +4,13 @@ result columns (`daskdp.output.schema`) and the chunk's record. The one place ou
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from daskdp.engine.requests import add_requests
-from daskdp.output.schema import RESULT_DTYPES
+from daskdp.output.schema import LOGPROB_COLUMNS, arrow_type, result_dtypes
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -19,16 +19,19 @@ if TYPE_CHECKING:
 
 
 class Chunk:
-    """Rows generated and written together, and their results as they come from the engine."""
+    """Rows generated and written together, and their results as they come from the engine.
+
+    Results are kept per request (input row); a request with n samples becomes n output rows
+    (`results`), one that failed stays one row.
+    """
 
     def __init__(self, number: int, rows: pd.DataFrame, attempt: int = 1):
         self.number, self.rows, self.attempt = number, rows, attempt
         n = len(rows)
         self.errors = np.full(n, None, dtype=object)
-        self.texts = np.full(n, None, dtype=object)
-        self.finish_reasons = np.full(n, None, dtype=object)
+        self.samples = np.full(n, None, dtype=object)  # per request: its list of `Sample`
+        self.prompt_logprobs = np.full(n, None, dtype=object)  # per request: `Logprobs` or None
         self.prompt_tokens = np.zeros(n, dtype=np.int64)
-        self.output_tokens = np.zeros(n, dtype=np.int64)
         self.finished_at = np.full(n, np.nan)
         self.first_token = np.full(n, np.nan)
         self.queued = np.full(n, np.nan)
@@ -43,17 +46,25 @@ class Chunk:
         self.prompt_tokens[:], self.pending = add_requests(llm, self.rows, request, self.errors)
 
     def finish_row(self, request_id: str, output: Any) -> int:
-        """Take a finished request's output; return its number of output tokens."""
+        """Take a finished request's output (all its samples); return its number of output tokens."""
         i = self.pending.pop(request_id)
-        completion = output.outputs[0]
-        self.texts[i] = completion.text
-        self.output_tokens[i] = len(completion.token_ids)
-        self.finish_reasons[i] = completion.finish_reason
+        completions = sorted(output.outputs, key=lambda completion: completion.index)
+        self.samples[i] = [
+            Sample(
+                completion.text,
+                len(completion.token_ids),
+                completion.finish_reason,
+                completion.cumulative_logprob,
+                Logprobs.of(completion.logprobs),
+            )
+            for completion in completions
+        ]
+        self.prompt_logprobs[i] = Logprobs.of(output.prompt_logprobs)
         self.finished_at[i] = time.time()
         if output.metrics is not None:  # with the engine's stats on (disable_log_stats=False)
             self.first_token[i] = output.metrics.first_token_latency
             self.queued[i] = output.metrics.scheduled_ts - output.metrics.queued_ts
-        return len(completion.token_ids)
+        return sum(sample.tokens for sample in self.samples[i])
 
     def give_up(self, reason: str) -> None:
         """Mark the rows still in the engine as errors."""
@@ -61,24 +72,39 @@ class Chunk:
             self.errors[i] = reason
         self.pending = {}
 
+    @property
+    def output_tokens(self) -> int:
+        return sum(sample.tokens for samples in self.samples if samples for sample in samples)
+
     def results(self, rank: int, worker: str) -> pd.DataFrame:
-        """The chunk's rows with their result columns."""
-        n = len(self.rows)
+        """The chunk's rows with their result columns: one row per sample of each request, one
+        (``sample`` null) per request without samples."""
+        counts = np.array([len(s) if s else 1 for s in self.samples], dtype=np.int64)
+        request = np.repeat(np.arange(len(self.rows)), counts)  # each output row's request
+        samples = [s for samples in self.samples for s in (samples or [None])]
+        numbers = [k for samples in self.samples for k in (range(len(samples)) if samples else [None])]
+        first = np.array([k == 0 for k in numbers])
+        n = len(request)
         columns = {
-            "generated_text": self.texts,
-            "prompt_tokens": self.prompt_tokens,
-            "output_tokens": self.output_tokens,
-            "finish_reason": self.finish_reasons,
+            "generated_text": [s.text if s else None for s in samples],
+            "prompt_tokens": self.prompt_tokens[request],
+            "output_tokens": [s.tokens if s else 0 for s in samples],
+            "finish_reason": [s.finish_reason if s else None for s in samples],
             "rank": np.full(n, rank),
             "worker": np.full(n, worker, dtype=object),
-            "error": self.errors,
+            "error": self.errors[request],
             "started_at": np.full(n, self.started),
-            "finished_at": self.finished_at,
-            "time_to_first_token": self.first_token,
-            "queue_seconds": self.queued,
+            "finished_at": self.finished_at[request],
+            "time_to_first_token": self.first_token[request],
+            "queue_seconds": self.queued[request],
+            "sample": numbers,
+            "logprobs": [s.logprobs if s else None for s in samples],
+            "cumulative_logprob": [s.cumulative_logprob if s else None for s in samples],
+            "prompt_logprobs": np.where(first, self.prompt_logprobs[request], None),
         }
-        return self.rows.assign(
-            **{name: pd.array(columns[name], dtype=dtype) for name, dtype in RESULT_DTYPES.items()}
+        rows = self.rows if n == len(self.rows) else self.rows.iloc[request]
+        return rows.assign(
+            **{name: result_array(name, columns[name], dtype) for name, dtype in result_dtypes().items()}
         )
 
     def record(self, rank: int, worker: str, partition: int, id_column: str) -> dict[str, Any]:
@@ -95,7 +121,8 @@ class Chunk:
             "last_id": str(ids.iloc[-1]),
             "error_rows": int(sum(e is not None for e in self.errors)),
             "prompt_tokens": int(self.prompt_tokens.sum()),
-            "output_tokens": int(self.output_tokens.sum()),
+            "output_tokens": self.output_tokens,
+            "output_rows": int(sum(len(s) if s else 1 for s in self.samples)),
             "timed_out_rows": len(unfinished),
             "timed_out_ids": [str(ids.iloc[i]) for i in unfinished],
             "prefix_cache_queries": self.prefix_cache[0],
@@ -107,3 +134,105 @@ class Chunk:
             "started": self.started,
             "finished": time.time(),
         }
+
+
+class Logprobs(NamedTuple):
+    """One sequence's logprobs (a sample's or a prompt's), compact: per position the range of its
+    entries; per entry (the position's token first, then vLLM's top alternatives) its id,
+    logprob, rank and text."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+    ranks: np.ndarray
+    tokens: list
+
+    @classmethod
+    def of(cls, logprobs: Any) -> Logprobs | None:
+        """From vLLM's ``FlatLogprobs`` (or its list of dicts); None when none were asked for."""
+        if logprobs is None:
+            return None
+        from vllm.logprobs import FlatLogprobs
+
+        if not isinstance(logprobs, FlatLogprobs):
+            flat = FlatLogprobs()
+            flat.extend(logprobs)
+            logprobs = flat
+        return cls(
+            np.asarray(logprobs.start_indices, dtype=np.int64),
+            np.asarray(logprobs.end_indices, dtype=np.int64),
+            np.asarray(logprobs.token_ids, dtype=np.int32),
+            np.asarray(logprobs.logprobs, dtype=np.float32),
+            _ranks(logprobs.ranks),
+            list(logprobs.decoded_tokens),
+        )
+
+
+def _ranks(ranks: list) -> np.ndarray:
+    try:
+        return np.asarray(ranks, dtype=np.int32)
+    except TypeError:  # a rank vLLM did not compute (None)
+        return np.asarray([-1 if r is None else r for r in ranks], dtype=np.int32)
+
+
+class Sample(NamedTuple):
+    """One of a request's n generations."""
+
+    text: str
+    tokens: int
+    finish_reason: str | None
+    cumulative_logprob: float | None
+    logprobs: Logprobs | None
+
+
+def result_array(name: str, values: Any, dtype: Any) -> Any:
+    """A result column's values as the array its dtype holds; the logprobs columns as Arrow data,
+    which the writer stores with no Python object per token (the lazy API makes them objects)."""
+    if name in LOGPROB_COLUMNS:
+        return pd.arrays.ArrowExtensionArray(logprobs_array(values))
+    return pd.array(values, dtype=dtype)
+
+
+def logprobs_array(sequences: list[Logprobs | None]):
+    """One Arrow list of token logprobs per sequence (null for None), built column-wise from the
+    sequences' flat arrays: no Python object per token."""
+    import pyarrow as pa
+
+    kind = arrow_type("logprobs")
+    token, alternative = kind.value_type, kind.value_type.field("top").type.value_type
+    present = [s for s in sequences if s is not None]
+    lengths = np.array([len(s.starts) if s is not None else 0 for s in sequences], dtype=np.int64)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    missing = pa.array([s is None for s in sequences])
+    entries = sum(len(s.token_ids) for s in present)
+    if not entries:  # no logprobs asked for, or only prompts of one token (no logprob)
+        return pa.ListArray.from_arrays(offsets, pa.nulls(int(lengths.sum()), token), type=kind, mask=missing)
+    shift = np.cumsum([0] + [len(s.token_ids) for s in present[:-1]])
+    starts = np.concatenate([s.starts + k for s, k in zip(present, shift, strict=True)])
+    counts = np.concatenate([s.ends + k for s, k in zip(present, shift, strict=True)]) - starts
+    fields = (
+        np.concatenate([s.token_ids for s in present]),
+        pa.array([t for s in present for t in s.tokens], pa.string()),
+        np.concatenate([s.logprobs for s in present]),
+        np.concatenate([s.ranks for s in present]),
+    )
+
+    def structs(index: np.ndarray, kind, more=(), mask=None):
+        ids, tokens, logprobs, ranks = fields
+        columns = [pa.array(ids[index]), tokens.take(pa.array(index)), pa.array(logprobs[index])]
+        return pa.StructArray.from_arrays(
+            [*columns, pa.array(ranks[index]), *more], fields=list(kind), mask=mask
+        )
+
+    # A position's own token is its first entry. Its alternatives are all its entries without
+    # the repeat of its own token when that is among the top K, as in vLLM's dicts.
+    position = np.repeat(np.arange(len(starts)), counts)  # each entry's position
+    own = starts[position]
+    ids = fields[0]
+    kept = np.flatnonzero((np.arange(entries) == own) | (ids != ids[own]))
+    top_offsets = np.concatenate([[0], np.cumsum(np.bincount(position[kept], minlength=len(starts)))])
+    top = pa.ListArray.from_arrays(pa.array(top_offsets.astype(np.int32)), structs(kept, alternative))
+    empty = counts == 0  # the prompt's first token, which has no logprob
+    positions = structs(np.where(empty, 0, starts), token, [top], mask=pa.array(empty))
+    return pa.ListArray.from_arrays(offsets, positions, type=kind, mask=missing)

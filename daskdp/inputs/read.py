@@ -14,6 +14,7 @@ import pandas as pd
 from daskdp.errors import UserError, exception_chain, first_line
 from daskdp.inputs.formats import COMPRESSIONS, input_format
 from daskdp.inputs.survey import SURVEY_META, Survey, survey_partition
+from daskdp.output.schema import RESULT_COLUMNS
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
@@ -28,17 +29,17 @@ class Prompts:
     format: str
     input_config: dict[str, Any]
 
-    def survey(self, max_tokens: int) -> Survey:
+    def survey(self, max_tokens: int, n: int = 1) -> Survey:
         """Read the input once on the workers: rows, fingerprint and the rows' estimated costs.
 
-        ``max_tokens`` is the run's; a ``max_tokens`` column overrides it per row. Refuses an
-        input that is empty or cannot be read.
+        ``max_tokens`` and ``n`` (samples) are the run's; columns of those names override them
+        per row. Refuses an input that is empty or cannot be read.
         """
         columns = self.input_config["prompt-column"], self.input_config["messages-column"]
         id_column = self.input_config["id-column"]
         try:
             surveyed = self.frame.map_partitions(
-                survey_partition, columns, id_column, max_tokens, meta=SURVEY_META
+                survey_partition, columns, id_column, max_tokens, n, meta=SURVEY_META
             ).compute()
         except Exception as e:
             raise UserError(unreadable(self.source, self.format, e)) from None
@@ -240,6 +241,12 @@ def check_columns(meta: pd.DataFrame, source: str, input_config: dict[str, Any])
     prompt, messages = input_config["prompt-column"], input_config["messages-column"]
     if len(meta.columns) == 0:
         raise UserError(f"{source} is empty (no rows, no columns); there is nothing to generate")
+    taken = [str(name) for name in meta.columns if name in RESULT_COLUMNS]
+    if taken:
+        raise UserError(
+            f"column '{taken[0]}' of {source} has the name of a result column daskdp adds "
+            f"({', '.join(RESULT_COLUMNS)}); rename or drop it"
+        )
     if prompt not in meta.columns and messages not in meta.columns:
         columns = ", ".join(map(str, meta.columns)) or "none"
         raise UserError(

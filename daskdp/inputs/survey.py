@@ -23,7 +23,7 @@ SHARED_PREFIX_ROWS = 0.1  # the fraction of rows that must share a prefix for re
 @dataclass
 class Survey:
     """What one pass over the input tells: rows per input partition, a fingerprint of their
-    content, each row's estimated cost (prompt tokens + max_tokens, in input order), and the
+    content, each row's estimated cost (prompt tokens + n x max_tokens, in input order), and the
     prefix keys of the rows that have a long prefix (``prefixed``: their input positions).
 
     Only rows with a long prefix carry keys, so that a large input of short prompts costs the
@@ -72,7 +72,7 @@ SURVEY_META = pd.DataFrame(
 
 
 def survey_partition(
-    part: pd.DataFrame, columns: tuple[str, str], id_column: str, max_tokens: int
+    part: pd.DataFrame, columns: tuple[str, str], id_column: str, max_tokens: int, n: int = 1
 ) -> pd.DataFrame:
     """One partition's row count, a digest of its rows (index ignored, order kept), its rows'
     costs, the positions and prefix keys of those with a long prefix, and its ids: the
@@ -96,7 +96,7 @@ def survey_partition(
         {
             "rows": [len(part)],
             "digest": [digest],
-            "costs": [row_costs(part, columns, max_tokens)],
+            "costs": [row_costs(part, columns, max_tokens, n)],
             "prefixed": [prefixed],
             "prefix_keys": [keys],
             "null_ids": [null_ids],
@@ -134,13 +134,20 @@ def _message_text(conversation: Any) -> str | None:
     return "\n".join(str(m.get("content", "")) if isinstance(m, dict) else "" for m in conversation)
 
 
-def row_costs(part: pd.DataFrame, columns: tuple[str, str], max_tokens: int) -> np.ndarray:
+def row_costs(part: pd.DataFrame, columns: tuple[str, str], max_tokens: int, n: int = 1) -> np.ndarray:
     """Each row's estimated cost in tokens: its prompt's (from its length in characters) plus
-    its ``max_tokens`` (the column where given and valid, else the run's)."""
+    ``max_tokens`` for each of its ``n`` samples (the columns of those names where given and
+    valid, else the run's); the prompt is read once for all samples."""
     chars = prompt_texts(part, columns).str.len().to_numpy(dtype=np.int64)
-    limits = np.full(len(part), max_tokens, dtype=np.int64)
-    if "max_tokens" in part:
-        given = pd.to_numeric(part["max_tokens"], errors="coerce").to_numpy(dtype=float)
+    limits, samples = (_per_row(part, name, value) for name, value in (("max_tokens", max_tokens), ("n", n)))
+    return (chars // CHARS_PER_TOKEN + limits * samples).astype(np.float32)
+
+
+def _per_row(part: pd.DataFrame, column: str, default: int) -> np.ndarray:
+    """The column's values where they are usable (at least 1), else ``default``."""
+    values = np.full(len(part), default, dtype=np.int64)
+    if column in part:
+        given = pd.to_numeric(part[column], errors="coerce").to_numpy(dtype=float)
         usable = np.isfinite(given) & (given >= 1)
-        limits[usable] = given[usable].astype(np.int64)
-    return (chars // CHARS_PER_TOKEN + limits).astype(np.float32)
+        values[usable] = given[usable].astype(np.int64)
+    return values

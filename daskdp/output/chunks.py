@@ -14,7 +14,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from daskdp.output.schema import CHUNK_FILE, CHUNKS_DIR, DONE, TIMED_OUT
+from daskdp.output.schema import CHUNK_FILE, CHUNKS_DIR, DONE, LOGPROB_COLUMNS, TIMED_OUT
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -94,6 +94,7 @@ def write_chunk(frame: pd.DataFrame, output: str, record: dict[str, Any], id_col
         table = pa.Table.from_pandas(frame, preserve_index=False)
     except (pa.ArrowTypeError, pa.ArrowInvalid):
         table = pa.Table.from_pandas(_storable(frame), preserve_index=False)
+    table = _readable_by_pandas(table)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     data = sink.getvalue().to_pybytes()
@@ -134,6 +135,23 @@ def _storable(frame: pd.DataFrame) -> pd.DataFrame:
             except (pa.ArrowTypeError, pa.ArrowInvalid):
                 columns[name] = frame[name].map(str, na_action="ignore").astype("string")
     return frame.assign(**columns)
+
+
+def _readable_by_pandas(table):
+    """``table`` with its nested result columns (logprobs) described to pandas as objects.
+
+    They reach the writer as Arrow data (``pd.ArrowDtype``), whose name pandas writes into the
+    file's metadata but cannot parse back: ``pd.read_parquet`` would fail on every chunk file.
+    As objects, readers get lists of dicts, as for any nested Parquet column.
+    """
+    import json
+
+    metadata = table.schema.metadata or {}
+    pandas = json.loads(metadata.get(b"pandas", b"{}"))
+    for column in pandas.get("columns", []):
+        if column.get("name") in LOGPROB_COLUMNS:
+            column["numpy_type"] = "object"
+    return table.replace_schema_metadata({**metadata, b"pandas": json.dumps(pandas).encode()})
 
 
 TEMPORARY = re.compile(r"\.(.+)\.tmp-[0-9a-f]+")

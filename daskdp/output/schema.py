@@ -8,13 +8,14 @@ An output directory holds::
     part-000012.parquet          the chunk's rows, renamed into place only when complete
     _summary.json, _report.html  the run's summary and report ("_": Parquet readers skip them)
 
-Each result row is its input row with the `RESULT_COLUMNS` added. The writers, the summary, the
-report and the readers take the names and types from here.
+Each result row is its input row with the `RESULT_COLUMNS` added: one row per input row, or per
+sample of it (``sample``; a request that failed is one row). The writers, the lazy API's meta,
+the summary, the report and the readers take the names and types from here.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -27,7 +28,8 @@ SUMMARY_FILE = "_summary.json"
 REPORT_FILE = "_report.html"
 DONE, TIMED_OUT, SKIPPED = "done", "timed-out", "skipped"  # chunk record statuses
 
-# The columns generation adds to every input row: (pandas dtype, Arrow type), one place.
+# The columns generation adds to every input row: (pandas dtype, Arrow type), one place. An Arrow
+# type is an alias (`pyarrow.type_for_alias`) or one of the nested types named in `NESTED_TYPES`.
 RESULT_COLUMNS = {
     "generated_text": ("string", "string"),
     "prompt_tokens": ("Int64", "int64"),
@@ -40,8 +42,60 @@ RESULT_COLUMNS = {
     "finished_at": ("Float64", "double"),
     "time_to_first_token": ("Float64", "double"),
     "queue_seconds": ("Float64", "double"),
+    # n samples and logprobs (issue 22): always present, null when not asked for.
+    "sample": ("Int64", "int64"),  # 0..n-1; null for a request that failed (one row)
+    "logprobs": (None, "token_logprobs"),  # per generated token; pandas: objects (result_dtypes)
+    "cumulative_logprob": ("Float64", "double"),
+    "prompt_logprobs": (None, "token_logprobs"),  # per prompt token (the first null); sample 0 only
 }
-RESULT_DTYPES = {name: dtype for name, (dtype, _) in RESULT_COLUMNS.items()}
+LOGPROB_COLUMNS = ("logprobs", "prompt_logprobs")
+
+
+def token_logprob_type(top: bool = True):
+    """One token's logprob: its id, text, logprob and rank (1 = likeliest) and, with ``top``, the
+    alternatives vLLM returned for its position (the top K, and the token itself when it is not
+    among them), each without ``top``."""
+    import pyarrow as pa
+
+    fields = [
+        ("token_id", pa.int32()),
+        ("token", pa.string()),
+        ("logprob", pa.float32()),
+        ("rank", pa.int32()),
+    ]
+    if top:
+        fields.append(("top", pa.list_(token_logprob_type(top=False))))
+    return pa.struct(fields)
+
+
+def token_logprobs_type():
+    """A list of `token_logprob_type`: the ``logprobs`` and ``prompt_logprobs`` columns."""
+    import pyarrow as pa
+
+    return pa.list_(token_logprob_type())
+
+
+NESTED_TYPES = {"token_logprobs": token_logprobs_type}
+
+
+def arrow_type(name: str):
+    """The Arrow type of result column ``name``."""
+    import pyarrow as pa
+
+    arrow = RESULT_COLUMNS[name][1]
+    return NESTED_TYPES[arrow]() if arrow in NESTED_TYPES else pa.type_for_alias(arrow)
+
+
+def result_dtypes() -> dict[str, Any]:
+    """The pandas dtype of every result column.
+
+    The nested ones (logprobs) are objects, lists of dicts, as ``pd.read_parquet`` reads any
+    nested column back: ``pd.ArrowDtype`` of a nested type is written into Parquet metadata by
+    name, and pandas cannot parse that name when it reads the file. The writer gets them as
+    Arrow data all the same (`daskdp.engine.rows`), without a Python object per token.
+    """
+    return {name: dtype or "object" for name, (dtype, _) in RESULT_COLUMNS.items()}
+
 
 RECORD_DTYPES = {
     "chunk": "int64",
@@ -54,6 +108,7 @@ RECORD_DTYPES = {
     "error_rows": "int64",
     "prompt_tokens": "int64",
     "output_tokens": "int64",
+    "output_rows": "int64",  # rows written: a row per sample, one per failed request
     "timed_out_rows": "int64",
     "timed_out_ids": "object",
     "prefix_cache_queries": "int64",
@@ -71,14 +126,14 @@ def result_arrow_schema():
     """The Arrow types of the result columns, as the chunk files store them."""
     import pyarrow as pa
 
-    return pa.schema([(name, pa.type_for_alias(arrow)) for name, (_, arrow) in RESULT_COLUMNS.items()])
+    return pa.schema([(name, arrow_type(name)) for name in RESULT_COLUMNS])
 
 
 def result_meta(meta: pd.DataFrame) -> pd.DataFrame:
     """The empty frame that describes generated partitions of ``meta``."""
     import pandas as pd
 
-    return meta.assign(**{name: pd.Series(dtype=dtype) for name, dtype in RESULT_DTYPES.items()})
+    return meta.assign(**{name: pd.Series(dtype=dtype) for name, dtype in result_dtypes().items()})
 
 
 def record_meta() -> pd.DataFrame:

@@ -49,6 +49,8 @@ def summarize(
         "wall_seconds": round(wall, 3),
         "rows": layout.rows,
         "rows_done": sum(record["rows"] for record in finished.values()),
+        # A row per sample (n per prompt), one per failed request: the rows of the chunk files.
+        "output_rows": sum(record.get("output_rows", record["rows"]) for record in finished.values()),
         "rows_generated": sum(record["rows"] for record in generated),
         "rows_skipped": sum(record["rows"] for record in earlier.values()),
         "error_rows": sum(record["error_rows"] for record in finished.values()),
@@ -195,6 +197,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("prefix_cache_hit_rate") is not None:
         hit_rate = f"{summary['prefix_cache_hit_rate']:.1%}"
         lines.append(f"{'prefix cache':<15} {hit_rate:>12}   (prompt tokens found cached)")
+    if summary.get("output_rows", summary["rows_done"]) != summary["rows_done"]:
+        samples = f"{summary['output_rows']:,}"
+        lines.append(f"{'output rows':<15} {samples:>12}   (a row per sample)")
     ranks = table.iloc[1:]
     if len(ranks):
         lines.append(ranks.loc[:, (ranks != "").any()].to_string())
@@ -246,9 +251,12 @@ def as_text(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_samples(results: pd.DataFrame, prompt_column: str, messages_column: str, n: int = 3) -> str:
-    """The first ``n`` rows without an error, each prompt beside its generation, one line each:
+    """The first ``n`` rows without an error (sample 0 of each), each prompt beside its generation, one line each:
     what ``daskdp run`` shows after its summary."""
-    fine = results[results["error"].isna()].head(n)
+    fine = results[results["error"].isna()]
+    if "sample" in fine:  # one sample of each prompt: three prompts, not three samples of one
+        fine = fine[fine["sample"] == 0]
+    fine = fine.head(n)
     lines = []
     for _, row in fine.iterrows():
         prompt = row.get(prompt_column)
