@@ -92,12 +92,15 @@ def run(
     >>> daskdp.run("prompts.parquet", overrides={"sampling.max-tokens": 64})  # doctest: +SKIP
     """
     settings = config.load(config_file, overrides)
+    task = config.task(settings)
     model, engine_args = config.engine_arguments(settings, gpu_host=bool(visible_gpus()))
     check_model(model)
     from daskdp.strategies import gang  # gang mode (MoE with expert parallelism)
 
     gang_mode = gang.resolve(settings["parallel"], model, engine_args)
-    prompts = read_prompts(source, settings["input"])
+    if gang_mode is not None and task != "generate":
+        raise UserError(f"--task {task} runs with one engine per rank; set parallel.mode to independent")
+    prompts = read_prompts(source, settings["input"], task)
     output = output or default_output(source)
     with output_lock(output):
         check_output(output, resume, overwrite)
@@ -112,7 +115,7 @@ def run(
                 print(f"Dask dashboard: {client.dashboard_link}", file=progress)
             logger.info("Dask dashboard: %s", client.dashboard_link)
             # A bad input fails here, before any engine loads.
-            survey = prompts.survey(int(settings["sampling"]["max-tokens"]))
+            survey = prompts.survey(int(settings["sampling"]["max-tokens"]) if task == "generate" else 0)
             planned = max(1, len(cluster_gpu_workers(client)))
             layout, earlier = prepare_output(
                 output,
@@ -136,7 +139,7 @@ def run(
                     Generation(
                         client,
                         plan,
-                        EnginePlugin(model, engine_args),
+                        EnginePlugin(model, engine_args, task=task),
                         request,
                         output,
                         startup_timeout=settings["cluster"]["startup-timeout"],
