@@ -95,7 +95,7 @@ def write_chunk(frame: pd.DataFrame, output: str, record: dict[str, Any], id_col
     except (pa.ArrowTypeError, pa.ArrowInvalid):
         table = pa.Table.from_pandas(_storable(frame), preserve_index=False)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(_readable_lists(table), sink)
     data = sink.getvalue().to_pybytes()
     write_atomically(fs, posixpath.join(path, name), data)
     ids = frame[id_column].astype(str)
@@ -134,6 +134,31 @@ def _storable(frame: pd.DataFrame) -> pd.DataFrame:
             except (pa.ArrowTypeError, pa.ArrowInvalid):
                 columns[name] = frame[name].map(str, na_action="ignore").astype("string")
     return frame.assign(**columns)
+
+
+def _readable_lists(table):
+    """``table`` with its list columns (embeddings, class probabilities) noted as plain objects
+    in its pandas metadata.
+
+    pandas notes them as Arrow-backed dtypes whose names it cannot parse back
+    (``fixed_size_list<item: float>[128][pyarrow]``), and every reader of the file would fail;
+    as objects they read back as arrays, or as Arrow lists with ``dtype_backend="pyarrow"``.
+    """
+    import pyarrow as pa
+
+    listed = {
+        field.name
+        for field in table.schema
+        if pa.types.is_list(field.type) or pa.types.is_fixed_size_list(field.type)
+    }
+    metadata = table.schema.metadata or {}
+    if not listed or b"pandas" not in metadata:
+        return table
+    pandas = json.loads(metadata[b"pandas"])
+    for column in pandas["columns"]:
+        if column["name"] in listed:
+            column.update(pandas_type="object", numpy_type="object", metadata=None)
+    return table.replace_schema_metadata({**metadata, b"pandas": json.dumps(pandas).encode()})
 
 
 TEMPORARY = re.compile(r"\.(.+)\.tmp-[0-9a-f]+")
