@@ -403,6 +403,7 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
                     if task == GENERATE
                     else {"pooling": _settings(summary["pooling"])}
                 ),
+                **({"dimension": summary["dimension"]} if "dimension" in summary else {}),
                 "engine": _settings(summary["engine"]),
             }
         ),

@@ -186,6 +186,9 @@ def resumable_manifest(output: str, settings: dict[str, Any]) -> dict[str, Any] 
                 "pass --overwrite to replace it, or choose another -o/--output"
             )
         return None
+    then, now = (given.get("task", "generate") for given in (manifest.get("settings", {}), settings))
+    if then != now:  # the one difference that matters: every other setting differs with it
+        refuse_differences(output, [f"its task (--task {then} then, --task {now} now)"])
     refuse_differences(output, manifests.differences(manifest, settings))
     return manifest
 
