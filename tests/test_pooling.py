@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -22,7 +23,9 @@ import pyarrow as pa
 import pytest
 
 import daskdp
-from conftest import REPO, TINY_ENGINE, TINY_MODEL, daskdp_cli, error_line, read_results
+from conftest import REPO, TINY_ENGINE, TINY_MODEL, daskdp_cli, error_line
+from daskdp import config
+from daskdp.engine.plugin import EnginePlugin, engine_status
 from daskdp.errors import UserError
 
 TEXTS = [
@@ -131,6 +134,11 @@ def test_embed_matches_plain_vllm_with_one_row_each(cluster, plain):
     lazy = daskdp.embed(with_bad_rows(TEXTS), client=client)
     assert lazy.npartitions == 2
     assert lazy.dtypes["embedding"] == pd.ArrowDtype(pa.list_(pa.float32(), 128))
+    # The engines were loaded for embedding: a warm cluster's generation engines were replaced.
+    held = {status[0] for status in client.run(engine_status).values()}
+    model, engine_args = config.engine_arguments(config.load(overrides={"run.task": "embed"}), gpu_host=False)
+    assert held == {EnginePlugin(model, engine_args, task="embed").fingerprint}
+    assert EnginePlugin(model, engine_args, task="generate").fingerprint not in held
     results = computed(client, lazy)
     assert list(results["id"]) == list(range(len(TEXTS) + len(ERROR_ROWS)))
     fine, bad = results.iloc[: len(TEXTS)], results.iloc[len(TEXTS) :]
@@ -226,23 +234,41 @@ def test_score_on_a_cross_encoder_matches_plain_vllm(cluster, plain, models):
     close(results["score"], plain("cross"))
 
 
+@pytest.mark.slow  # loads (and refuses) an engine on both ranks
 def test_a_model_that_cannot_serve_the_task_is_refused(cluster, models):
     _, client = cluster
-    with pytest.raises(Exception, match="cannot serve --task embed"):
+    with pytest.raises(Exception, match="cannot serve --task embed .* give --model an embedding model"):
         daskdp.embed(pd.DataFrame({"prompt": TEXTS}), models["classifier"], client=client)
 
 
+@pytest.mark.parametrize(
+    ("rows", "task", "message"),
+    [
+        (
+            {"prompt": "a"},
+            "score",
+            "has no 'text_1' column for --task score (columns: prompt); name it with input.text-1-column",
+        ),
+        (
+            {"prompt": "a", "embedding": 1},
+            "embed",
+            "has a column 'embedding', which --task embed writes; rename or drop it",
+        ),
+        ({"prompt": 1}, "classify", "column 'prompt' of"),
+    ],
+)
+def test_bad_columns_are_refused_before_any_engine(tmp_path, rows, task, message):
+    source = tmp_path / "rows.jsonl"
+    source.write_text(json.dumps(rows) + "\n")
+    with pytest.raises(UserError, match=re.escape(message)):
+        daskdp.run(str(source), str(tmp_path / "out"), overrides={"run.task": task})
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # a fresh process that starts the forkserver (it imports vLLM)
 def test_cli_refuses_pairs_without_their_columns(tmp_path):
     source = tmp_path / "pairs.jsonl"
     source.write_text('{"prompt": "a"}\n')
     done = daskdp_cli("run", source, "--task", "score", "--quiet")
     error_line(done, "no 'text_1' column for --task score", "input.text-1-column")
     assert not (tmp_path / "pairs.out").exists()
-
-
-def test_an_input_column_named_as_a_result_column_is_refused(tmp_path):
-    source = tmp_path / "texts.jsonl"
-    source.write_text('{"prompt": "a", "embedding": 1}\n')
-    done = daskdp_cli("run", source, "--task", "embed", "--quiet")
-    error_line(done, "column 'embedding', which --task embed writes")
-    assert read_results  # the module's readers are conftest's
