@@ -10,17 +10,23 @@ from typing import TYPE_CHECKING, Any
 __all__ = [
     "EnginePlugin",
     "RankedLocalCluster",
+    "classify",
+    "embed",
     "generate",
     "read_manifest",
     "read_results",
     "read_summary",
     "run",
+    "score",
 ]
 
 _LOCATIONS = {
     "EnginePlugin": "daskdp.engine.plugin",
     "RankedLocalCluster": "daskdp.clusters.local",
+    "classify": "daskdp.api",
+    "embed": "daskdp.api",
     "generate": "daskdp.api",
+    "score": "daskdp.api",
     "read_manifest": "daskdp.api",
     "read_results": "daskdp.api",
     "read_summary": "daskdp.api",
@@ -28,7 +34,7 @@ _LOCATIONS = {
 }
 
 if TYPE_CHECKING:
-    from daskdp.api import generate, read_manifest, read_results, read_summary
+    from daskdp.api import classify, embed, generate, read_manifest, read_results, read_summary, score
     from daskdp.clusters.local import RankedLocalCluster
     from daskdp.engine.plugin import EnginePlugin
     from daskdp.runner import run

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from distributed import Client
 
-__all__ = ["generate", "read_manifest", "read_results", "read_summary"]
+__all__ = ["classify", "embed", "generate", "read_manifest", "read_results", "read_summary", "score"]
 
 SAMPLING_ARGUMENTS = {
     *("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"),
@@ -63,17 +63,90 @@ def generate(
     >>> results.head()  # doctest: +SKIP
     >>> samples = daskdp.generate(frame, n=4, temperature=0.8, seed=0, logprobs=5)  # doctest: +SKIP
     """
-    import dask
-    import dask.dataframe as dd
-    import pandas as pd
-    from distributed import get_client
-
     unknown = set(sampling) - SAMPLING_ARGUMENTS
     if unknown:
         raise TypeError(f"generate() got unknown sampling settings: {', '.join(sorted(unknown))}")
     overrides = {"model": model, **{f"sampling.{k.replace('_', '-')}": v for k, v in sampling.items()}}
     settings = config.load(config_file, overrides)
     check_sampling(settings["sampling"])
+    return _lazy_results(prompts, settings, client)
+
+
+def embed(
+    texts: str | os.PathLike | pd.DataFrame | dd.DataFrame,
+    model: str | None = None,
+    *,
+    client: Client | None = None,
+    config_file: str | None = None,
+    normalize: bool | None = None,
+    dimensions: int | None = None,
+    truncate_prompt_tokens: int | None = None,
+) -> dd.DataFrame:
+    """One embedding per row of ``texts`` (its ``prompt`` column), as a lazy Dask DataFrame.
+
+    As :func:`generate`, with an ``embedding`` column (fixed-size list of float32, the engines'
+    one dimension) in place of the generation columns. ``normalize``: L2-normalise (default:
+    the model's, on); ``dimensions``: Matryoshka dimensions; ``truncate_prompt_tokens``: keep
+    the first N tokens of longer texts (else they are error rows).
+
+    Examples
+    --------
+    >>> vectors = daskdp.embed("corpus.parquet", "BAAI/bge-small-en-v1.5")  # doctest: +SKIP
+    """
+    options = {"dimensions": dimensions}
+    return _pooled(texts, "embed", model, client, config_file, normalize, truncate_prompt_tokens, options)
+
+
+def classify(
+    texts: str | os.PathLike | pd.DataFrame | dd.DataFrame,
+    model: str | None = None,
+    *,
+    client: Client | None = None,
+    config_file: str | None = None,
+    normalize: bool | None = None,
+    truncate_prompt_tokens: int | None = None,
+) -> dd.DataFrame:
+    """Class probabilities (``probs``) and the argmax's name (``label``, from the model's
+    ``id2label``) per row of ``texts``, as a lazy Dask DataFrame; see :func:`embed`.
+    ``normalize=False`` gives the raw logits instead of the softmax."""
+    return _pooled(texts, "classify", model, client, config_file, normalize, truncate_prompt_tokens)
+
+
+def score(
+    pairs: str | os.PathLike | pd.DataFrame | dd.DataFrame,
+    model: str | None = None,
+    *,
+    client: Client | None = None,
+    config_file: str | None = None,
+    truncate_prompt_tokens: int | None = None,
+) -> dd.DataFrame:
+    """A ``score`` per row of ``pairs`` (columns ``text_1`` and ``text_2``, or
+    ``input.text-1-column``/``text-2-column``), as a lazy Dask DataFrame: a cross-encoder's
+    score, or the cosine of an embedding model's two embeddings, as ``vllm.LLM.score``."""
+    return _pooled(pairs, "score", model, client, config_file, None, truncate_prompt_tokens)
+
+
+def _pooled(
+    texts, task, model, client, config_file, normalize, truncate_prompt_tokens, options=None
+) -> dd.DataFrame:
+    overrides = {
+        "model": model,
+        "run.task": task,
+        "pooling.normalize": normalize,
+        "pooling.truncate-prompt-tokens": truncate_prompt_tokens,
+        **{f"pooling.{key}": value for key, value in (options or {}).items()},
+    }
+    return _lazy_results(texts, config.load(config_file, overrides), client)
+
+
+def _lazy_results(prompts, settings: dict[str, Any], client: Client | None) -> dd.DataFrame:
+    """The lazy results of the run ``settings`` describe, over ``prompts``."""
+    import dask
+    import dask.dataframe as dd
+    import pandas as pd
+    from distributed import get_client
+
+    task = config.task(settings)
     input_settings = settings["input"]
     if client is None:
         try:
@@ -100,17 +173,22 @@ def generate(
             "or set parallel.mode to independent for one engine per rank"
         )
     ranks = ensure_engines(
-        client, EnginePlugin(model_path, engine_args), settings["cluster"]["startup-timeout"]
+        client, EnginePlugin(model_path, engine_args, task=task), settings["cluster"]["startup-timeout"]
     )
+    dimension = None
+    if task == "embed":  # the engines' one embedding dimension, for the frame's meta
+        dimension = (
+            settings["pooling"]["dimensions"] or client.run(embedding_size, workers=ranks[:1])[ranks[0]]
+        )
 
     if isinstance(prompts, (str, os.PathLike)):
-        frame = read_prompts(os.fspath(prompts), input_settings).frame
+        frame = read_prompts(os.fspath(prompts), input_settings, task).frame
     elif isinstance(prompts, pd.DataFrame):
-        check_columns(prompts, "the DataFrame", input_settings)
+        check_columns(prompts, "the DataFrame", input_settings, task)
         with dask.config.set({"dataframe.convert-string": False}):  # lists (stop, messages) stay lists
             frame = dd.from_pandas(prompts, npartitions=1, sort=False)
     else:
-        check_columns(prompts._meta, "the DataFrame", input_settings)
+        check_columns(prompts._meta, "the DataFrame", input_settings, task)
         frame = prompts
     id_column = input_settings["id-column"]
     if id_column not in frame.columns:
@@ -118,5 +196,13 @@ def generate(
         frame = frame.assign(**{id_column: positions})
     if not isinstance(prompts, dd.DataFrame):  # a Dask DataFrame keeps the partitions it was given
         frame = frame.repartition(npartitions=len(ranks))
-    request = GenerationRequest.from_settings(settings)
-    return frame.map_partitions(generate_partition, request, meta=result_meta(frame._meta))
+    request = GenerationRequest.from_settings(settings, dimension=dimension)
+    meta = result_meta(frame._meta, task, dimension)
+    return frame.map_partitions(generate_partition, request, meta=meta)
+
+
+def embedding_size(dask_worker) -> int:
+    """Run on a worker (``client.run``): the embedding dimension of the engine it holds."""
+    from daskdp.engine.plugin import PLUGIN_NAME
+
+    return dask_worker.plugins[PLUGIN_NAME].engine.llm.model_config.embedding_size

@@ -106,6 +106,32 @@ def parser() -> argparse.ArgumentParser:
         help="each prompt token's logprob and its top-K alternatives",
     )
 
+    pooling = run.add_argument_group("pooling tasks (docs/pooling.md)")
+    pooling.add_argument(
+        "--task",
+        choices=["generate", "embed", "classify", "score"],
+        help="generate text (default); or one embedding, class probabilities and label, or "
+        "score of a text pair per row, with vLLM's pooling runner",
+    )
+    pooling.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        help="embed: L2-normalise the embeddings; classify: softmax (default: the model's, on)",
+    )
+    pooling.add_argument("--dimensions", type=int, metavar="N", help="embed: Matryoshka dimensions")
+    pooling.add_argument(
+        "--truncate-prompt-tokens",
+        type=int,
+        metavar="N",
+        help="keep the first N tokens of longer texts (default: such rows are errors)",
+    )
+    pooling.add_argument(
+        "--text-1-column", metavar="NAME", help="score: the first text of each pair (default: text_1)"
+    )
+    pooling.add_argument(
+        "--text-2-column", metavar="NAME", help="score: the second text of each pair (default: text_2)"
+    )
+
     limits = run.add_argument_group("checkpoints and limits")
     limits.add_argument("--chunk-size", type=int, metavar="ROWS", help="rows written together (default 1024)")
     limits.add_argument(
@@ -177,6 +203,12 @@ def overrides(args: argparse.Namespace) -> dict:
         "cluster.tls-ca-file": args.tls_ca_file,
         "cluster.tls-cert": args.tls_cert,
         "cluster.tls-key": args.tls_key,
+        "run.task": args.task,
+        "pooling.normalize": args.normalize,
+        "pooling.dimensions": args.dimensions,
+        "pooling.truncate-prompt-tokens": args.truncate_prompt_tokens,
+        "input.text-1-column": args.text_1_column,
+        "input.text-2-column": args.text_2_column,
         "run.chunk-size": args.chunk_size,
         "run.partitioning": args.partitioning,
         "run.prefix-locality": args.prefix_locality,
@@ -283,6 +315,8 @@ def print_samples(output: str) -> None:
     try:
         columns = read_manifest(output)["settings"]["input"]
         results = read_results(output)
+        if "generated_text" not in results.columns:  # a pooling task: vectors and scores are no samples
+            return
         # Not the logprobs: tens of thousands of objects per chunk that the samples do not show.
         first = results.drop(columns=[c for c in LOGPROB_COLUMNS if c in results.columns])
         first = first.get_partition(0).compute()

@@ -113,7 +113,19 @@ def engine_arguments(config: dict[str, Any], gpu_host: bool) -> tuple[str, dict[
     arguments: dict[str, Any] = {}
     for layer in layers:
         arguments.update({key.replace("-", "_"): value for key, value in layer.items()})
+    if task(config) != "generate":  # embed, classify, score: vLLM's pooling runner
+        arguments["runner"] = "pooling"
     return str(model), arguments
+
+
+def task(config: dict[str, Any]) -> str:
+    """The run's task (``run.task``), refused in one line when it is not one daskdp knows."""
+    from daskdp.output.schema import TASKS
+
+    value = config["run"]["task"]
+    if value not in TASKS:
+        raise UserError(f"run.task must be one of {', '.join(TASKS)}, got {value!r}; check --task")
+    return value
 
 
 def _same_path(model: str | os.PathLike, directory: Path) -> bool:

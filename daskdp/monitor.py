@@ -55,8 +55,10 @@ class Monitor:
         worker_wait: float,
         stall_timeout: float | None = None,
         output: str | None = None,
+        tokens: str = "output",
     ):
         self.client = client
+        self.tokens = tokens  # which tokens the ranks count: output (generation) or prompt (pooling)
         self.run_id = run_id
         self.output = output
         self.stall_timeout = stall_timeout
@@ -230,11 +232,12 @@ class Monitor:
         self.client.run(kill_worker_process, workers=[worker], nanny=True, on_error="return")
 
     def show(self, final: bool = False) -> None:
-        """Rows done, and rows/s and output tokens/s of each rank over the last few seconds."""
+        """Rows done, and rows/s and tokens/s (output tokens; prompt tokens when pooling) of each
+        rank over the last few seconds."""
         with self.lock:
             by_rank: dict[int, np.ndarray] = {}
             for state in self.tasks.values():
-                counts = np.array([state.get("done", 0), state.get("output_tokens", 0)], dtype=float)
+                counts = np.array([state.get("done", 0), state.get("tokens", 0)], dtype=float)
                 by_rank[state["rank"]] = by_rank.get(state["rank"], 0) + counts
         now = time.monotonic()
         self.history.append((now, by_rank))
@@ -258,7 +261,7 @@ class Monitor:
             self.last_line = now
             total = sum(tokens for _, tokens in rates.values())
             print(
-                f"{done:,}/{self.total_rows:,} rows, {total:,.0f} output tokens/s"
+                f"{done:,}/{self.total_rows:,} rows, {total:,.0f} {self.tokens} tokens/s"
                 + (f", ETA {eta}" if eta and not final else "")
                 + (f" ({per_rank})" if per_rank else ""),
                 file=self.stream,

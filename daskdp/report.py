@@ -20,16 +20,33 @@ import pandas as pd
 
 from daskdp.errors import UserError
 from daskdp.output.read import chunk_files, read_summary
-from daskdp.output.schema import LOGPROB_COLUMNS, REPORT_FILE, RESULT_COLUMNS, SUMMARY_FILE, result_meta
-from daskdp.output.summary import as_text, format_table, rank_totals, summary_chunks, summary_table
+from daskdp.output.schema import (
+    ALL_RESULT_COLUMNS,
+    GENERATE,
+    LOGPROB_COLUMNS,
+    REPORT_FILE,
+    SUMMARY_FILE,
+    result_meta,
+)
+from daskdp.output.summary import (
+    as_text,
+    counted_tokens,
+    format_table,
+    rank_totals,
+    summary_chunks,
+    summary_table,
+)
 
 __all__ = [
     "error_table",
     "finish_reasons_figure",
     "format_table",
+    "labels_figure",
     "lengths_figure",
     "load",
+    "norms_figure",
     "sample_table",
+    "scores_figure",
     "summary_table",
     "throughput_figure",
     "timeline_figure",
@@ -43,6 +60,9 @@ if TYPE_CHECKING:
 
 # What the figures and the error table need: no prompts or generated text, so a large run fits in memory.
 ANALYSIS_COLUMNS = ["id", "rank", "prompt_tokens", "output_tokens", "finish_reason", "error", "finished_at"]
+# A pooling task's own figures read these too (embeddings: their norms, read chunk by chunk).
+TASK_ANALYSIS_COLUMNS = {"classify": ["label"], "score": ["score"]}
+MAX_NORM_ROWS = 20_000  # embeddings whose norms the report reads, whole chunks evenly spaced
 MAX_TIMELINE_POINTS = 100_000
 MAX_REPORT_ROWS = 100_000  # the figures of larger runs read a sample of chunks: memory stays flat
 MAX_LABELLED_CHUNKS = 40
@@ -182,26 +202,31 @@ def timeline_figure(results: pd.DataFrame, summary: dict[str, Any]) -> Figure:
 
 
 def throughput_figure(summary: dict[str, Any]) -> Figure:
-    """Output tokens per second of busy time, per rank, from the chunks it generated."""
+    """Output tokens (prompt tokens, for a pooling task) per second of busy time, per rank,
+    from the chunks it generated."""
     per_rank = rank_totals(summary)
+    counted = counted_tokens(summary)
     if per_rank.empty:
-        return _message_figure("Output tokens per second per rank", _nothing_generated(summary))
+        return _message_figure(f"{counted.title()} tokens per second per rank", _nothing_generated(summary))
     fig = _figure(max(4.5, 1.5 + 0.6 * len(per_rank)), 3.5, left=1.1)
     ax = fig.subplots()
     bars = ax.bar([f"rank {rank}" for rank in per_rank.index], per_rank["tokens_per_second"], color="#3182bd")
     ax.bar_label(bars, labels=[f"{rate:,.0f}" for rate in per_rank["tokens_per_second"]], fontsize=8)
     ax.yaxis.set_major_formatter("{x:,.0f}")
-    ax.set_ylabel("output tokens / s of busy time")
-    ax.set_title("Output tokens per second per rank")
+    ax.set_ylabel(f"{counted} tokens / s of busy time")
+    ax.set_title(f"{counted.title()} tokens per second per rank")
     ax.margins(y=0.15)
     return fig
 
 
 def lengths_figure(results: pd.DataFrame) -> Figure:
-    """Distributions of prompt and output lengths, in tokens, of the rows without an error."""
-    fine = _numbers(results[results["error"].isna()], ["prompt_tokens", "output_tokens"])
-    fig = _figure(9, 3.5)
-    for ax, column, name in zip(fig.subplots(1, 2), fine.columns, ["Prompt", "Output"], strict=True):
+    """Distributions of prompt and output lengths, in tokens, of the rows without an error
+    (prompt lengths only for a pooling task, which has no output)."""
+    columns = [c for c in ("prompt_tokens", "output_tokens") if c in results]
+    fine = _numbers(results[results["error"].isna()], columns)
+    fig = _figure(9 if len(columns) == 2 else 5, 3.5)
+    axes = np.atleast_1d(fig.subplots(1, len(columns)))
+    for ax, column, name in zip(axes, fine.columns, ["Prompt", "Output"][: len(columns)], strict=True):
         values = fine[column].dropna()
         ax.set_xlabel("tokens")
         ax.set_ylabel("rows")
@@ -236,6 +261,77 @@ def finish_reasons_figure(results: pd.DataFrame) -> Figure:
     return fig
 
 
+def norms_figure(norms: np.ndarray, dimension: int | None) -> Figure:
+    """The embeddings' L2 norms (all 1 when normalised), and their one dimension."""
+    fig = _figure(6, 3.5)
+    ax = fig.subplots()
+    ax.set_xlabel("L2 norm")
+    ax.set_ylabel("rows")
+    if not len(norms):
+        ax.set_title("Embedding norms")
+        ax.text(0.5, 0.5, "no rows without an error", ha="center", va="center", transform=ax.transAxes)
+        return fig
+    ax.hist(norms, bins=50 if np.ptp(norms) > 1e-6 else 1, color="#3182bd")
+    ax.set_title(
+        f"Norms of {len(norms):,} embeddings of dimension {dimension} "
+        f"(median {np.median(norms):.4g}, {norms.min():.4g} to {norms.max():.4g})"
+    )
+    return fig
+
+
+def labels_figure(results: pd.DataFrame) -> Figure:
+    """Rows by predicted label, error rows counted as ``error``."""
+    labels = results["label"].astype(object).where(results["error"].isna(), "error")
+    return _counts_figure("Labels", labels.fillna("none").value_counts().sort_values(), len(results))
+
+
+def scores_figure(results: pd.DataFrame) -> Figure:
+    """The distribution of the scores of the rows without an error."""
+    scores = _numbers(results[results["error"].isna()], ["score"])["score"].dropna()
+    fig = _figure(6, 3.5)
+    ax = fig.subplots()
+    ax.set_xlabel("score")
+    ax.set_ylabel("rows")
+    if scores.empty:
+        ax.set_title("Scores")
+        ax.text(0.5, 0.5, "no rows without an error", ha="center", va="center", transform=ax.transAxes)
+        return fig
+    ax.hist(scores, bins=50, color="#3182bd")
+    ax.set_title(f"Scores of {len(scores):,} rows (median {scores.median():.4g})")
+    return fig
+
+
+def _counts_figure(title: str, counts: pd.Series, total: int) -> Figure:
+    fig = _figure(6, 1.4 + 0.4 * len(counts))
+    ax = fig.subplots()
+    colors = ["#de2d26" if name == "error" else "#3182bd" for name in counts.index]
+    bars = ax.barh(counts.index, counts.to_numpy(), color=colors)
+    ax.bar_label(bars, labels=[f"{n:,} ({n / total:.0%})" for n in counts], fontsize=8, padding=2)
+    ax.set_xlabel("rows")
+    ax.set_title(title)
+    ax.margins(x=0.2)
+    return fig
+
+
+def embedding_norms(fs: AbstractFileSystem, files: list[str], max_rows: int = MAX_NORM_ROWS) -> np.ndarray:
+    """The L2 norms of the embeddings of evenly spaced chunk files, about ``max_rows`` at most,
+    read one file at a time: the vectors of a large run never meet in memory."""
+    import pyarrow.parquet as pq
+
+    if not files:
+        return np.zeros(0)
+    rows = pq.read_metadata(files[0], filesystem=fs).num_rows or 1
+    keep = max(1, min(len(files), max_rows // rows))
+    norms = []
+    for i in np.unique(np.linspace(0, len(files) - 1, keep).round().astype(int)):
+        column = pq.read_table(files[i], columns=["embedding"], filesystem=fs).column("embedding")
+        column = column.combine_chunks().drop_null()
+        if len(column):
+            vectors = column.flatten().to_numpy().reshape(len(column), -1)
+            norms.append(np.linalg.norm(vectors.astype(np.float64), axis=1))
+    return np.concatenate(norms) if norms else np.zeros(0)
+
+
 def error_table(results: pd.DataFrame) -> pd.DataFrame:
     """The rows with an error: their id and the reason."""
     columns = [c for c in ("id", "error") if c in results.columns]
@@ -245,9 +341,21 @@ def error_table(results: pd.DataFrame) -> pd.DataFrame:
 def sample_table(results: pd.DataFrame, n: int = 10, seed: int = 0) -> pd.DataFrame:
     """``n`` rows without an error, drawn at random: their input columns beside the generated text."""
     fine = results[results["error"].isna()]
-    inputs = [c for c in results.columns if c not in RESULT_COLUMNS]
+    inputs = [c for c in results.columns if c not in ALL_RESULT_COLUMNS]
+    outputs = [c for c in ("generated_text", "label", "score") if c in results]
     picked = fine.sample(min(n, len(fine)), random_state=seed).sort_index()
-    return picked[[*inputs, "generated_text"]].reset_index(drop=True)
+    if "embedding" in results:  # a vector's first values, not 1,024 of them
+        picked = picked.assign(embedding=picked["embedding"].map(_first_values))
+        outputs.append("embedding")
+    if "probs" in results:
+        picked = picked.assign(probs=picked["probs"].map(_first_values))
+        outputs.append("probs")
+    return picked[[*inputs, *outputs]].reset_index(drop=True)
+
+
+def _first_values(vector: Any, n: int = 4) -> str:
+    values = ", ".join(f"{v:.4f}" for v in list(vector)[:n])
+    return f"[{values}{', ...' if len(vector) > n else ''}]"
 
 
 def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
@@ -266,7 +374,9 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
     import pyarrow.compute
     import pyarrow.parquet as pq
 
-    results, summary, fs, files = _load(path, ANALYSIS_COLUMNS, max_rows=MAX_REPORT_ROWS)
+    task = _read_task(path)
+    columns = ANALYSIS_COLUMNS + TASK_ANALYSIS_COLUMNS.get(task, [])
+    results, summary, fs, files = _load(path, columns, max_rows=MAX_REPORT_ROWS)
     if len(results):
         # The first chunk without its logprobs: tens of thousands of objects the table does not show.
         names = pq.read_schema(files[0], filesystem=fs).names
@@ -287,7 +397,7 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
         ("Chunks on ranks over time", _TIMELINE_NOTE, timeline_figure(results, summary)),
         ("Throughput per rank", _THROUGHPUT_NOTE, throughput_figure(summary)),
         ("Prompt and output lengths", _LENGTHS_NOTE, lengths_figure(results)),
-        ("Finish reasons", _REASONS_NOTE, finish_reasons_figure(results)),
+        *_task_figures(task, results, summary, fs, files),
     ]
     shown = f"; the first {ERROR_ROWS_SHOWN:,}" if len(errors) > ERROR_ROWS_SHOWN else ""
     sections = [
@@ -298,8 +408,16 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
                 "model": summary["model"],
                 "started": started.isoformat(sep=" ", timespec="seconds"),
                 "chunks": f"of {summary['chunk_rows']:,} rows",
-                "output rows": f"{summary.get('output_rows', summary['rows_done']):,}, a row per sample",
-                "sampling": _settings(summary["sampling"]),
+                "task": task,
+                **(
+                    {
+                        "output rows": f"{summary.get('output_rows', summary['rows_done']):,}, a row per sample",
+                        "sampling": _settings(summary["sampling"]),
+                    }
+                    if task == GENERATE
+                    else {"pooling": _settings(summary["pooling"])}
+                ),
+                **({"dimension": summary["dimension"]} if "dimension" in summary else {}),
                 "engine": _settings(summary["engine"]),
             }
         ),
@@ -320,6 +438,27 @@ def write_report(path: str | os.PathLike, sample_rows: int = 10) -> str:
     with fsspec.open(target, "w", encoding="utf-8") as f:
         f.write(page)
     return target
+
+
+def _read_task(path: str | os.PathLike) -> str:
+    try:
+        return read_summary(path).get("task", GENERATE)
+    except (FileNotFoundError, NotADirectoryError):
+        return GENERATE  # `_load` says what is missing
+
+
+def _task_figures(
+    task: str, results: pd.DataFrame, summary: dict[str, Any], fs: AbstractFileSystem, files: list[str]
+) -> list[tuple[str, str, Figure]]:
+    """The figures of what the task wrote: finish reasons, embedding norms, labels or scores."""
+    if task == "embed":
+        norms = embedding_norms(fs, files)
+        return [("Embedding norms", _NORMS_NOTE, norms_figure(norms, summary.get("dimension")))]
+    if task == "classify":
+        return [("Labels", "Rows by the label of their most probable class.", labels_figure(results))]
+    if task == "score":
+        return [("Scores", "The score of each pair; error rows left out.", scores_figure(results))]
+    return [("Finish reasons", _REASONS_NOTE, finish_reasons_figure(results))]
 
 
 def _lanes(chunks: pd.DataFrame) -> np.ndarray:
@@ -404,6 +543,10 @@ _THROUGHPUT_NOTE = (
     "Output tokens each rank generated in this run, divided by the seconds it had a chunk running."
 )
 _LENGTHS_NOTE = "Tokens in each prompt (after the chat template) and in each output; error rows left out."
+_NORMS_NOTE = (
+    "The L2 norm of each embedding (1 when normalised), read from evenly spaced chunks; error rows "
+    "left out. A norm far from the rest marks a text the model handles differently."
+)
 _REASONS_NOTE = "<code>stop</code>: EOS or a stop string; <code>length</code>: the max-tokens limit."
 _PAGE = """<!DOCTYPE html>
 <html lang="en">

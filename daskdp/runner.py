@@ -93,12 +93,15 @@ def run(
     """
     settings = config.load(config_file, overrides)
     check_sampling(settings["sampling"])
+    task = config.task(settings)
     model, engine_args = config.engine_arguments(settings, gpu_host=bool(visible_gpus()))
     check_model(model)
     from daskdp.strategies import gang  # gang mode (MoE with expert parallelism)
 
     gang_mode = gang.resolve(settings["parallel"], model, engine_args)
-    prompts = read_prompts(source, settings["input"])
+    if gang_mode is not None and task != "generate":
+        raise UserError(f"--task {task} runs with one engine per rank; set parallel.mode to independent")
+    prompts = read_prompts(source, settings["input"], task)
     output = output or default_output(source)
     with output_lock(output):
         check_output(output, resume, overwrite)
@@ -113,7 +116,10 @@ def run(
                 print(f"Dask dashboard: {client.dashboard_link}", file=progress)
             logger.info("Dask dashboard: %s", client.dashboard_link)
             # A bad input fails here, before any engine loads.
-            survey = prompts.survey(int(settings["sampling"]["max-tokens"]), settings["sampling"]["n"])
+            survey = prompts.survey(
+                int(settings["sampling"]["max-tokens"]) if task == "generate" else 0,
+                settings["sampling"]["n"],
+            )
             planned = max(1, len(cluster_gpu_workers(client)))
             layout, earlier = prepare_output(
                 output,
@@ -137,7 +143,7 @@ def run(
                     Generation(
                         client,
                         plan,
-                        EnginePlugin(model, engine_args),
+                        EnginePlugin(model, engine_args, task=task),
                         request,
                         output,
                         startup_timeout=settings["cluster"]["startup-timeout"],
@@ -184,6 +190,9 @@ def resumable_manifest(output: str, settings: dict[str, Any]) -> dict[str, Any] 
                 "pass --overwrite to replace it, or choose another -o/--output"
             )
         return None
+    then, now = (given.get("task", "generate") for given in (manifest.get("settings", {}), settings))
+    if then != now:  # the one difference that matters: every other setting differs with it
+        refuse_differences(output, [f"its task (--task {then} then, --task {now} now)"])
     refuse_differences(output, manifests.differences(manifest, settings))
     return manifest
 

@@ -91,7 +91,7 @@ def chunk_loop(
     if part.empty:
         if (engine := gang_engine()) is not None:  # gang mode: a rank without rows steps along
             engine.call(step_with_gang)
-        return record_meta() if output is not None else result_meta(part)
+        return record_meta() if output is not None else result_meta(part, request.task, request.dimension)
     partition = partition_info["number"] if partition_info else (0 if output is not None else -1)
     engine, rank = get_engine()
     worker = get_worker()
@@ -246,18 +246,18 @@ class ProgressReporter:
             "worker": worker.address,
             "total": total,
         }
-        self.done = self.output_tokens = 0
+        self.done = self.tokens = 0  # tokens: output tokens when generating, prompt tokens when pooling
         self.last = 0.0
 
-    def advance(self, rows: int, output_tokens: int) -> None:
+    def advance(self, rows: int, tokens: int) -> None:
         self.done += rows
-        self.output_tokens += output_tokens
+        self.tokens += tokens
 
     def send(self, final: bool = False) -> None:
         now = time.monotonic()
         if final or now - self.last >= self.interval:
             self.last = now
-            message = {**self.message, "done": self.done, "output_tokens": self.output_tokens, "final": final}
+            message = {**self.message, "done": self.done, "tokens": self.tokens, "final": final}
             self.worker.log_event(PROGRESS_TOPIC, message)
 
 
@@ -299,8 +299,7 @@ def step_chunks(
                 if chunk is None:
                     exhausted = True
                     break
-                chunk.enqueue(llm, request)
-                report.advance(len(chunk.rows) - len(chunk.pending), 0)
+                report.advance(chunk.enqueue(llm, request), 0)
                 if chunk.pending:
                     running[chunk.number] = chunk
                     owners.update(dict.fromkeys(chunk.pending, chunk))
@@ -321,7 +320,7 @@ def step_chunks(
                 chunk = owners.pop(output.request_id, None) if output.finished else None
                 if chunk is None:
                     continue
-                report.advance(1, chunk.finish_row(output.request_id, output))
+                report.advance(*chunk.finish_row(output.request_id, output))
                 if not chunk.pending:
                     del running[chunk.number]
                     finished(chunk)

@@ -83,6 +83,10 @@ class EnginePlugin(WorkerPlugin):
         A local model directory or a Hugging Face model name.
     engine_args
         Keyword arguments for ``vllm.LLM``.
+    task
+        ``generate``, or a pooling task (``embed``, ``classify``, ``score``; ``engine_args``
+        then hold ``runner="pooling"``): the loaded model is checked to serve it, and an
+        engine loaded for another task is replaced.
     data_parallel
         Gang mode: each member worker's data-parallel variables, by worker address, as
         `daskdp.strategies.gang.data_parallel_layout` computes them. ``None`` (independent mode): every ``GPU`` worker
@@ -102,6 +106,7 @@ class EnginePlugin(WorkerPlugin):
         model: str,
         engine_args: dict[str, Any] | None = None,
         data_parallel: Mapping[str, DataParallelEnv] | None = None,
+        task: str = "generate",
     ):
         if not isinstance(model, str) or not model:
             raise TypeError(f"model must be a path or a model name, got {model!r}")
@@ -116,7 +121,8 @@ class EnginePlugin(WorkerPlugin):
             # the model into a child process: a Dask worker (a daemon) cannot have one. The
             # in-process executor joins the group from the VLLM_DP_* variables all the same.
             self.engine_args.setdefault("distributed_executor_backend", "uni")
-        self.fingerprint = engine_fingerprint(model, self.engine_args, self.data_parallel)
+        self.task = task
+        self.fingerprint = engine_fingerprint(model, self.engine_args, self.data_parallel, task)
         self.rank: int | None = None
         self.engine: Engine | None = None
 
@@ -140,6 +146,11 @@ class EnginePlugin(WorkerPlugin):
         engine = Engine(self.model, self.engine_args)
         logger.info("rank %d loading %s", self.rank, self.model)
         await asyncio.get_running_loop().run_in_executor(engine._thread, engine.load)
+        try:
+            check_task(engine.llm, self.task, self.model)
+        except BaseException:
+            await asyncio.get_running_loop().run_in_executor(None, engine.close)
+            raise
         self.engine = engine
 
     async def teardown(self, worker: Worker) -> None:
@@ -149,11 +160,34 @@ class EnginePlugin(WorkerPlugin):
         await asyncio.get_running_loop().run_in_executor(None, engine.close)
 
 
+def check_task(llm: Any, task: str, model: str) -> None:
+    """Refuse a loaded model that cannot serve ``task``, saying which model would."""
+    if task == "generate":
+        return
+    serves = set(llm.supported_tasks)
+    if task == "score":
+        one_label = getattr(llm.model_config.hf_config, "num_labels", 0) == 1
+        if "embed" in serves or ("classify" in serves and one_label):
+            return
+        need = "an embedding model (scored by cosine) or a cross-encoder (a classifier with one label)"
+    elif task in serves:
+        return
+    else:
+        need = "an embedding model" if task == "embed" else "a sequence-classification model"
+    raise ValueError(
+        f"{model} cannot serve --task {task} (it serves {', '.join(sorted(serves)) or 'no pooling task'}); "
+        f"give --model {need}"
+    )
+
+
 def engine_fingerprint(
-    model: str, engine_args: dict[str, Any], data_parallel: Mapping[str, DataParallelEnv] | None = None
+    model: str,
+    engine_args: dict[str, Any],
+    data_parallel: Mapping[str, DataParallelEnv] | None = None,
+    task: str = "generate",
 ) -> str:
-    """A short hash of what decides which engine a worker holds: a gang's layout included."""
-    spec: dict[str, Any] = {"model": model, "engine_args": engine_args}
+    """A short hash of what decides which engine a worker holds: the task and a gang's layout included."""
+    spec: dict[str, Any] = {"model": model, "engine_args": engine_args, "task": task}
     if data_parallel is not None:
         spec["gang"] = {address: env.environ() for address, env in data_parallel.items()}
     text = json.dumps(spec, sort_keys=True, default=str)

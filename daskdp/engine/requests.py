@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 SAMPLING_KEYS = ("temperature", "top-p", "top-k", "max-tokens", "seed", "stop", "ignore-eos")
 SAMPLES_KEYS = ("n", "logprobs", "prompt-logprobs")  # n samples and logprobs (issue 22)
+POOLING_KEYS = ("normalize", "dimensions", "truncate-prompt-tokens")
 OVERRIDE_COLUMNS = ("max_tokens", "temperature", "seed")
 # Per-row top_p, top_k, stop, n and top_logprobs (issue 22); top_logprobs is OpenAI's name for
 # the number of alternatives per token, the run's `sampling.logprobs`.
@@ -47,6 +48,15 @@ class GenerationRequest:
     stall_timeout: float | None = None
     retries: int = 0
     progress_interval: float = 1.0
+    task: str = "generate"
+    pooling: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(POOLING_KEYS))
+    text_columns: tuple[str, str] = ("text_1", "text_2")  # --task score: the two texts of a pair
+    dimension: int | None = None  # embed: the engines' embedding dimension, for empty partitions
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the run pools (embed, classify, score) rather than generates."""
+        return self.task != "generate"
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], **run: Any) -> GenerationRequest:
@@ -58,6 +68,9 @@ class GenerationRequest:
             prompt_column=settings["input"]["prompt-column"],
             messages_column=settings["input"]["messages-column"],
             id_column=settings["input"]["id-column"],
+            task=limits["task"],
+            pooling=settings["pooling"],
+            text_columns=(settings["input"]["text-1-column"], settings["input"]["text-2-column"]),
             **{
                 "chunk_rows": int(limits["chunk-size"]),
                 "chunk_timeout": limits["chunk-timeout"],
@@ -86,6 +99,8 @@ def add_requests(
     Returns each row's prompt tokens, and the rows in the engine by request id. Rows that
     cannot be generated get their reason in ``errors``.
     """
+    if request.pooled:
+        return add_pooling_requests(llm, rows, request, errors)
     token_ids = _tokenize(llm, rows, request, errors)
     prompt_tokens = [len(ids) if ids is not None else 0 for ids in token_ids]
     params = engine_params(rows, request, errors)
@@ -255,3 +270,140 @@ def is_missing(value: Any) -> bool:
     if value is None or value is pd.NA:
         return True
     return isinstance(value, float) and math.isnan(value)
+
+
+# The pooling tasks: embed, classify, score ----------------------------------------------------
+
+
+def scores_by_cosine(llm: LLM) -> bool:
+    """Whether ``llm`` scores pairs by the cosine of their embeddings (an embedding model), not
+    as one cross-encoder prompt (a classifier with one label), as ``LLM.score`` decides."""
+    return llm.pooling_task == "embed"
+
+
+def add_pooling_requests(
+    llm: LLM, rows: pd.DataFrame, request: GenerationRequest, errors: np.ndarray
+) -> tuple[list[int], dict[str, int]]:
+    """`add_requests` for embed, classify and score: one request a row, or two for a pair
+    scored by cosine (each text embedded; the row is done when both are)."""
+    if request.task == "score" and not scores_by_cosine(llm):
+        return _add_cross_encoder_requests(llm, rows, request, errors)
+    columns = list(request.text_columns) if request.task == "score" else [request.prompt_column]
+    texts = [_pooling_tokens(llm, rows, column, request, errors) for column in columns]
+    prompt_tokens = [sum(len(ids[i]) for ids in texts if ids[i] is not None) for i in range(len(rows))]
+    params = pooling_params(llm, request)
+    engine = llm.llm_engine
+    pending: dict[str, int] = {}
+    for i in range(len(rows)):
+        if errors[i] is not None:
+            continue
+        added = []
+        try:
+            for ids in texts:
+                request_id = str(next(_request_ids))
+                engine.add_request(request_id, {"prompt_token_ids": ids[i]}, params)
+                added.append(request_id)
+        except Exception as e:
+            errors[i] = f"rejected by the engine: {first_line(e, 200)}"
+            if added:
+                engine.abort_request(added)
+        else:
+            pending.update(dict.fromkeys(added, i))
+    return prompt_tokens, pending
+
+
+def pooling_params(llm: LLM, request: GenerationRequest, task: str | None = None):
+    """The run's one ``PoolingParams``: the vLLM pooling task behind daskdp's, normalisation
+    (``use_activation``) and Matryoshka ``dimensions`` for embeddings."""
+    from vllm import PoolingParams
+
+    if task is None:
+        task = request.task if request.task != "score" else llm.pooling_task
+    options = {"use_activation": request.pooling["normalize"]}
+    if task == "embed":
+        options["dimensions"] = request.pooling["dimensions"]
+    return PoolingParams(task=task, **options)
+
+
+def _pooling_tokens(
+    llm: LLM, part: pd.DataFrame, column: str, request: GenerationRequest, errors: np.ndarray
+) -> list:
+    """Token ids of each row's text in ``column``, as ``LLM.embed``/``classify`` tokenize it
+    (special tokens added), cut to ``truncate-prompt-tokens`` when given; errors where they
+    cannot be: missing or empty text, or a text longer than the model takes."""
+    tokenizer = llm.get_tokenizer()
+    max_model_len = llm.llm_engine.model_config.max_model_len
+    keep = request.pooling["truncate-prompt-tokens"]
+    values = part[column].to_numpy(dtype=object)
+    texts: dict[int, str] = {}
+    for i, text in enumerate(values):
+        if errors[i] is not None:
+            continue
+        if is_missing(text):
+            errors[i] = f"{column} is null"
+        elif not isinstance(text, str):
+            errors[i] = f"{column} is {type(text).__name__}, not text"
+        elif not text.strip():
+            errors[i] = f"{column} is empty"
+        else:
+            texts[i] = text
+    token_ids: list = [None] * len(part)
+    if texts:
+        encoded = tokenizer(list(texts.values()), add_special_tokens=True)["input_ids"]
+        for i, ids in zip(texts, encoded, strict=True):
+            if keep is not None and len(ids) > keep:  # vLLM cuts on the tokenizer's side
+                ids = ids[-keep:] if tokenizer.truncation_side == "left" else ids[:keep]
+            if len(ids) > max_model_len:
+                errors[i] = (
+                    f"{column} has {len(ids)} tokens, too long for max_model_len {max_model_len}; "
+                    "set --truncate-prompt-tokens to embed its start"
+                )
+            else:
+                token_ids[i] = list(ids)
+    return token_ids
+
+
+def _add_cross_encoder_requests(
+    llm: LLM, rows: pd.DataFrame, request: GenerationRequest, errors: np.ndarray
+) -> tuple[list[int], dict[str, int]]:
+    """Score pairs on a cross-encoder: each pair made into one prompt by vLLM's own scoring
+    processor (separator, score template, truncation), as ``LLM.score`` makes it."""
+    processor = llm.pooling_io_processors["cross-encoder"]
+    tok_params = llm.renderer.default_cmpl_tok_params
+    if request.pooling["truncate-prompt-tokens"] is not None:
+        tok_params = tok_params.with_kwargs(truncate_prompt_tokens=request.pooling["truncate-prompt-tokens"])
+    params = pooling_params(llm, request, "classify")
+    first, second = (rows[column].to_numpy(dtype=object) for column in request.text_columns)
+    engine = llm.llm_engine
+    prompt_tokens = [0] * len(rows)
+    pending: dict[str, int] = {}
+    for i in range(len(rows)):
+        for column, text in zip(request.text_columns, (first[i], second[i]), strict=True):
+            if errors[i] is None and (is_missing(text) or not isinstance(text, str) or not text.strip()):
+                errors[i] = f"{column} is {'null' if is_missing(text) else 'empty or not text'}"
+        if errors[i] is not None:
+            continue
+        request_id = str(next(_request_ids))
+        try:
+            rendered = processor.render(
+                {
+                    "data_1": first[i],
+                    "data_2": second[i],
+                    "chat_template": None,
+                    "max_tokens_per_query": 0,
+                    "max_tokens_per_doc": 0,
+                    "tok_params": tok_params,
+                    "prompt_extras": None,
+                    "skip_mm_cache": False,
+                    "params": params,
+                    "lora_requests": None,
+                    "priorities": 0,
+                }
+            )
+            prompt_tokens[i] = len(rendered["prompts"]["prompt_token_ids"])
+            engine.add_request(request_id, rendered["prompts"], rendered["params"])
+        except Exception as e:
+            errors[i] = f"rejected by the engine: {first_line(e, 200)}"
+        else:
+            pending[request_id] = i
+    return prompt_tokens, pending

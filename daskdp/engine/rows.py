@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from daskdp.engine.requests import add_requests
-from daskdp.output.schema import LOGPROB_COLUMNS, arrow_type, result_dtypes
+from daskdp.engine.requests import add_requests, scores_by_cosine
+from daskdp.output.schema import GENERATE, LOGPROB_COLUMNS, arrow_type, result_dtypes
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -39,15 +39,34 @@ class Chunk:
         self.started = time.time()
         self.head_since: float | None = None  # when it became the oldest chunk in the engine
         self.prefix_cache = (0, 0)  # the engine's prefix-cache queries and hits, in tokens
+        self.task = GENERATE
+        self.pooled = np.full(n, None, dtype=object)  # pooling tasks: each row's vector or score
+        self.halves: dict[int, Any] = {}  # score by cosine: the first embedding of a pair
+        self.dimension: int | None = None  # embed: the run's one embedding dimension
+        self.labels: dict[int, str] = {}  # classify: the model's id2label
 
-    def enqueue(self, llm: LLM, request: GenerationRequest) -> None:
-        """Render and check every row, then add the good ones to the engine."""
+    def enqueue(self, llm: LLM, request: GenerationRequest) -> int:
+        """Render and check every row, then add the good ones to the engine; return the rows
+        already finished (errors)."""
         self.started = time.time()
+        self.task = request.task
+        if self.task == "embed":
+            self.dimension = request.pooling["dimensions"] or llm.model_config.embedding_size
+        elif self.task == "classify":
+            labels = getattr(llm.model_config.hf_config, "id2label", None) or {}
+            self.labels = {int(k): str(v) for k, v in labels.items()}
+        elif self.task == "score" and not scores_by_cosine(llm):
+            self.task = "score-cross-encoder"
         self.prompt_tokens[:], self.pending = add_requests(llm, self.rows, request, self.errors)
+        return len(self.rows) - len(set(self.pending.values()))
 
-    def finish_row(self, request_id: str, output: Any) -> int:
-        """Take a finished request's output (all its samples); return its number of output tokens."""
+    def finish_row(self, request_id: str, output: Any) -> tuple[int, int]:
+        """Take a finished request's output (all its samples); return the rows it finished (0 for
+        the first text of a pair) and their tokens: output tokens when generating, prompt tokens
+        when pooling."""
         i = self.pending.pop(request_id)
+        if self.task != GENERATE:
+            return self._finish_pooled(i, output)
         completions = sorted(output.outputs, key=lambda completion: completion.index)
         self.samples[i] = [
             Sample(
@@ -64,7 +83,20 @@ class Chunk:
         if output.metrics is not None:  # with the engine's stats on (disable_log_stats=False)
             self.first_token[i] = output.metrics.first_token_latency
             self.queued[i] = output.metrics.scheduled_ts - output.metrics.queued_ts
-        return sum(sample.tokens for sample in self.samples[i])
+        return 1, sum(sample.tokens for sample in self.samples[i])
+
+    def _finish_pooled(self, i: int, output: Any) -> tuple[int, int]:
+        data = output.outputs.data
+        if self.task == "score":  # by cosine, as LLM.score computes it, once both texts are in
+            if i not in self.halves:
+                self.halves[i] = data
+                return 0, 0
+            import torch.nn.functional as F
+
+            data = F.cosine_similarity(self.halves.pop(i).float(), data.float(), dim=0)
+        self.pooled[i] = data.float().numpy() if self.task != "score-cross-encoder" else data.squeeze()
+        self.finished_at[i] = time.time()
+        return 1, int(self.prompt_tokens[i])
 
     def give_up(self, reason: str) -> None:
         """Mark the rows still in the engine as errors."""
@@ -77,24 +109,44 @@ class Chunk:
         return sum(sample.tokens for samples in self.samples if samples for sample in samples)
 
     def results(self, rank: int, worker: str) -> pd.DataFrame:
-        """The chunk's rows with their result columns: one row per sample of each request, one
-        (``sample`` null) per request without samples."""
-        counts = np.array([len(s) if s else 1 for s in self.samples], dtype=np.int64)
-        request = np.repeat(np.arange(len(self.rows)), counts)  # each output row's request
-        samples = [s for samples in self.samples for s in (samples or [None])]
-        numbers = [k for samples in self.samples for k in (range(len(samples)) if samples else [None])]
-        first = np.array([k == 0 for k in numbers])
+        """The chunk's rows with their result columns: when generating, one row per sample of each
+        request, one (``sample`` null) per request without samples; when pooling, one per row."""
+        task = "score" if self.task == "score-cross-encoder" else self.task
+        if task == GENERATE:
+            counts = np.array([len(s) if s else 1 for s in self.samples], dtype=np.int64)
+            request = np.repeat(np.arange(len(self.rows)), counts)  # each output row's request
+        else:
+            request = np.arange(len(self.rows))
         n = len(request)
         columns = {
-            "generated_text": [s.text if s else None for s in samples],
             "prompt_tokens": self.prompt_tokens[request],
-            "output_tokens": [s.tokens if s else 0 for s in samples],
-            "finish_reason": [s.finish_reason if s else None for s in samples],
             "rank": np.full(n, rank),
             "worker": np.full(n, worker, dtype=object),
             "error": self.errors[request],
             "started_at": np.full(n, self.started),
             "finished_at": self.finished_at[request],
+        }
+        if task == GENERATE:
+            columns |= self._generated_columns(request)
+        else:
+            columns |= self._pooled_columns()
+        rows = self.rows if n == len(self.rows) else self.rows.iloc[request]
+        return rows.assign(
+            **{
+                name: result_array(name, columns[name], dtype)
+                for name, dtype in result_dtypes(task, self.dimension).items()
+            }
+        )
+
+    def _generated_columns(self, request: np.ndarray) -> dict[str, Any]:
+        """Generation's own columns, a row per sample (``request``: each output row's request)."""
+        samples = [s for samples in self.samples for s in (samples or [None])]
+        numbers = [k for samples in self.samples for k in (range(len(samples)) if samples else [None])]
+        first = np.array([k == 0 for k in numbers])
+        return {
+            "generated_text": [s.text if s else None for s in samples],
+            "output_tokens": [s.tokens if s else 0 for s in samples],
+            "finish_reason": [s.finish_reason if s else None for s in samples],
             "time_to_first_token": self.first_token[request],
             "queue_seconds": self.queued[request],
             "sample": numbers,
@@ -102,15 +154,33 @@ class Chunk:
             "cumulative_logprob": [s.cumulative_logprob if s else None for s in samples],
             "prompt_logprobs": np.where(first, self.prompt_logprobs[request], None),
         }
-        rows = self.rows if n == len(self.rows) else self.rows.iloc[request]
-        return rows.assign(
-            **{name: result_array(name, columns[name], dtype) for name, dtype in result_dtypes().items()}
-        )
+
+    def _pooled_columns(self) -> dict[str, Any]:
+        """The pooling task's own columns, from each row's vector or score (None: an error row)."""
+        import pyarrow as pa
+
+        done = np.array([value is not None for value in self.pooled])
+        if self.task == "embed":
+            flat = np.zeros((len(self.rows), self.dimension or 0), dtype=np.float32)
+            if done.any():
+                flat[done] = np.stack(list(self.pooled[done]))
+            vectors = pa.FixedSizeListArray.from_arrays(
+                pa.array(flat.ravel()), self.dimension, mask=pa.array(~done)
+            )
+            return {"embedding": pd.arrays.ArrowExtensionArray(vectors)}
+        if self.task == "classify":
+            probs = pa.array([None if p is None else p for p in self.pooled], type=pa.list_(pa.float32()))
+            labels = [
+                None if p is None else self.labels.get(int(np.argmax(p)), str(int(np.argmax(p))))
+                for p in self.pooled
+            ]
+            return {"probs": pd.arrays.ArrowExtensionArray(probs), "label": labels}
+        return {"score": [None if s is None else float(s) for s in self.pooled]}
 
     def record(self, rank: int, worker: str, partition: int, id_column: str) -> dict[str, Any]:
         """What the manifest keeps of this chunk."""
         ids = self.rows[id_column]
-        unfinished = sorted(self.pending.values())
+        unfinished = sorted(set(self.pending.values()))
         return {
             "chunk": self.number,
             "status": "",

@@ -14,7 +14,7 @@ import pandas as pd
 from daskdp.errors import UserError, exception_chain, first_line
 from daskdp.inputs.formats import COMPRESSIONS, input_format
 from daskdp.inputs.survey import SURVEY_META, Survey, survey_partition
-from daskdp.output.schema import RESULT_COLUMNS
+from daskdp.output.schema import result_columns
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
@@ -28,18 +28,21 @@ class Prompts:
     source: str
     format: str
     input_config: dict[str, Any]
+    task: str = "generate"
 
     def survey(self, max_tokens: int, n: int = 1) -> Survey:
         """Read the input once on the workers: rows, fingerprint and the rows' estimated costs.
 
         ``max_tokens`` and ``n`` (samples) are the run's; columns of those names override them
-        per row. Refuses an input that is empty or cannot be read.
+        per row. Refuses an input that is empty or cannot be read. A pooling task's rows cost
+        their texts' tokens alone: they have no output.
         """
         columns = self.input_config["prompt-column"], self.input_config["messages-column"]
         id_column = self.input_config["id-column"]
+        texts = pooled_text_columns(self.input_config, self.task)
         try:
             surveyed = self.frame.map_partitions(
-                survey_partition, columns, id_column, max_tokens, n, meta=SURVEY_META
+                survey_partition, columns, id_column, max_tokens, n, texts, meta=SURVEY_META
             ).compute()
         except Exception as e:
             raise UserError(unreadable(self.source, self.format, e)) from None
@@ -99,7 +102,7 @@ class Prompts:
         return values.iloc[position - int(starts[partition])]
 
 
-def read_prompts(source: str, input_config: dict[str, Any]) -> Prompts:
+def read_prompts(source: str, input_config: dict[str, Any], task: str = "generate") -> Prompts:
     """Read prompts lazily from Parquet, JSON Lines or CSV (a path, directory, glob or URL).
 
     Only the schema is read here; it is checked for a prompt or messages column that can
@@ -122,10 +125,10 @@ def read_prompts(source: str, input_config: dict[str, Any]) -> Prompts:
         raise
     except Exception as e:
         raise UserError(unreadable(source, fmt, e)) from None
-    check_columns(df._meta, source, input_config)
+    check_columns(df._meta, source, input_config, task)
     if len(matches) == 1 and fmt == "parquet" and not is_dir:
         check_rows(fs, matches[0], source)
-    return Prompts(df, source, fmt, input_config)
+    return Prompts(df, source, fmt, input_config, task)
 
 
 def check_rows(fs, path: str, source: str) -> None:
@@ -237,16 +240,31 @@ def first_invalid_utf8(source: str) -> str | None:
     return None
 
 
-def check_columns(meta: pd.DataFrame, source: str, input_config: dict[str, Any]) -> None:
+def pooled_text_columns(input_config: dict[str, Any], task: str) -> tuple[str, ...] | None:
+    """The text columns a pooling task reads (``None`` when generating): the prompt column, or
+    for score the two texts of each pair."""
+    if task == "generate":
+        return None
+    if task == "score":
+        return input_config["text-1-column"], input_config["text-2-column"]
+    return (input_config["prompt-column"],)
+
+
+def check_columns(
+    meta: pd.DataFrame, source: str, input_config: dict[str, Any], task: str = "generate"
+) -> None:
     prompt, messages = input_config["prompt-column"], input_config["messages-column"]
     if len(meta.columns) == 0:
         raise UserError(f"{source} is empty (no rows, no columns); there is nothing to generate")
-    taken = [str(name) for name in meta.columns if name in RESULT_COLUMNS]
+    taken = [str(name) for name in meta.columns if name in result_columns(task)]
     if taken:
         raise UserError(
             f"column '{taken[0]}' of {source} has the name of a result column daskdp adds "
-            f"({', '.join(RESULT_COLUMNS)}); rename or drop it"
+            f"({', '.join(result_columns(task))}); rename or drop it"
         )
+    if task != "generate":
+        check_pooling_columns(meta, source, input_config, task)
+        return
     if prompt not in meta.columns and messages not in meta.columns:
         columns = ", ".join(map(str, meta.columns)) or "none"
         raise UserError(
@@ -259,4 +277,25 @@ def check_columns(meta: pd.DataFrame, source: str, input_config: dict[str, Any])
             raise UserError(
                 f"column '{prompt}' of {source} holds {dtype}, not text; "
                 "give a column of strings with --prompt-column"
+            )
+
+
+def check_pooling_columns(meta: pd.DataFrame, source: str, input_config: dict[str, Any], task: str) -> None:
+    """A pooling task's input: its text columns present and textual."""
+    flags = {
+        input_config["prompt-column"]: "--prompt-column",
+        input_config["text-1-column"]: "input.text-1-column",
+        input_config["text-2-column"]: "input.text-2-column",
+    }
+    for column in pooled_text_columns(input_config, task):
+        if column not in meta.columns:
+            columns = ", ".join(map(str, meta.columns))
+            raise UserError(
+                f"{source} has no '{column}' column for --task {task} (columns: {columns}); "
+                f"name it with {flags[column]}"
+            )
+        dtype = meta[column].dtype
+        if not (pd.api.types.is_string_dtype(dtype) or pd.api.types.is_object_dtype(dtype)):
+            raise UserError(
+                f"column '{column}' of {source} holds {dtype}, not text; give a column of strings with {flags[column]}"
             )

@@ -72,11 +72,18 @@ SURVEY_META = pd.DataFrame(
 
 
 def survey_partition(
-    part: pd.DataFrame, columns: tuple[str, str], id_column: str, max_tokens: int, n: int = 1
+    part: pd.DataFrame,
+    columns: tuple[str, str],
+    id_column: str,
+    max_tokens: int,
+    n: int = 1,
+    pooled: tuple[str, ...] | None = None,
 ) -> pd.DataFrame:
     """One partition's row count, a digest of its rows (index ignored, order kept), its rows'
     costs, the positions and prefix keys of those with a long prefix, and its ids: the
-    positions of null ones and a hash of each (as text: ``1`` and ``"1"`` are one id)."""
+    positions of null ones and a hash of each (as text: ``1`` and ``"1"`` are one id).
+
+    ``pooled``: a pooling task's text columns, whose tokens are each row's whole cost."""
     hashable = part.assign(
         **{
             name: part[name].map(repr)  # chat messages are lists, which pandas cannot hash
@@ -96,7 +103,9 @@ def survey_partition(
         {
             "rows": [len(part)],
             "digest": [digest],
-            "costs": [row_costs(part, columns, max_tokens, n)],
+            "costs": [
+                row_costs(part, columns, max_tokens, n) if pooled is None else text_costs(part, pooled)
+            ],
             "prefixed": [prefixed],
             "prefix_keys": [keys],
             "null_ids": [null_ids],
@@ -132,6 +141,15 @@ def _message_text(conversation: Any) -> str | None:
     if not isinstance(conversation, (list, tuple, np.ndarray)):
         return None
     return "\n".join(str(m.get("content", "")) if isinstance(m, dict) else "" for m in conversation)
+
+
+def text_costs(part: pd.DataFrame, columns: tuple[str, ...]) -> np.ndarray:
+    """Each row's estimated tokens in its texts (a pooling task's cost: there is no output)."""
+    chars = np.zeros(len(part), dtype=np.int64)
+    for column in columns:
+        texts = part[column].map(lambda t: t if isinstance(t, str) else "", na_action="ignore")
+        chars += texts.fillna("").str.len().to_numpy(dtype=np.int64)
+    return (chars // CHARS_PER_TOKEN + 1).astype(np.float32)
 
 
 def row_costs(part: pd.DataFrame, columns: tuple[str, str], max_tokens: int, n: int = 1) -> np.ndarray:

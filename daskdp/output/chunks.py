@@ -14,7 +14,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from daskdp.output.schema import CHUNK_FILE, CHUNKS_DIR, DONE, LOGPROB_COLUMNS, TIMED_OUT
+from daskdp.output.schema import CHUNK_FILE, CHUNKS_DIR, DONE, TIMED_OUT
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -94,9 +94,8 @@ def write_chunk(frame: pd.DataFrame, output: str, record: dict[str, Any], id_col
         table = pa.Table.from_pandas(frame, preserve_index=False)
     except (pa.ArrowTypeError, pa.ArrowInvalid):
         table = pa.Table.from_pandas(_storable(frame), preserve_index=False)
-    table = _readable_by_pandas(table)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(_readable_lists(table), sink)
     data = sink.getvalue().to_pybytes()
     write_atomically(fs, posixpath.join(path, name), data)
     ids = frame[id_column].astype(str)
@@ -137,20 +136,28 @@ def _storable(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(**columns)
 
 
-def _readable_by_pandas(table):
-    """``table`` with its nested result columns (logprobs) described to pandas as objects.
+def _readable_lists(table):
+    """``table`` with its list columns (embeddings, class probabilities) noted as plain objects
+    in its pandas metadata.
 
-    They reach the writer as Arrow data (``pd.ArrowDtype``), whose name pandas writes into the
-    file's metadata but cannot parse back: ``pd.read_parquet`` would fail on every chunk file.
-    As objects, readers get lists of dicts, as for any nested Parquet column.
+    pandas notes them as Arrow-backed dtypes whose names it cannot parse back
+    (``fixed_size_list<item: float>[128][pyarrow]``), and every reader of the file would fail;
+    as objects they read back as arrays, or as Arrow lists with ``dtype_backend="pyarrow"``.
     """
-    import json
+    import pyarrow as pa
 
+    listed = {
+        field.name
+        for field in table.schema
+        if pa.types.is_list(field.type) or pa.types.is_fixed_size_list(field.type)
+    }
     metadata = table.schema.metadata or {}
-    pandas = json.loads(metadata.get(b"pandas", b"{}"))
-    for column in pandas.get("columns", []):
-        if column.get("name") in LOGPROB_COLUMNS:
-            column["numpy_type"] = "object"
+    if not listed or b"pandas" not in metadata:
+        return table
+    pandas = json.loads(metadata[b"pandas"])
+    for column in pandas["columns"]:
+        if column["name"] in listed:
+            column.update(pandas_type="object", numpy_type="object", metadata=None)
     return table.replace_schema_metadata({**metadata, b"pandas": json.dumps(pandas).encode()})
 
 

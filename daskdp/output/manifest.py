@@ -40,10 +40,17 @@ def without_secrets(settings: Any) -> Any:
 
 def result_settings(model: str, engine_args: dict, settings: dict) -> dict[str, Any]:
     """The settings that change what is generated, as the manifest records them."""
+    task = settings["run"]["task"]
+    # A pooling task has no sampling: the task and its own options change its results instead.
+    # (Generation's manifests name no task, as before there were others.)
     return without_secrets(
         {
             "model": model,
-            "sampling": settings["sampling"],
+            **(
+                {"sampling": settings["sampling"]}
+                if task == "generate"
+                else {"task": task, "pooling": settings["pooling"]}
+            ),
             "engine": engine_args,
             "input": settings["input"],
         }

@@ -38,11 +38,15 @@ def summarize(
     generated = [record for chunk, record in finished.items() if chunk not in earlier]
     timed_out = records[records["status"] == TIMED_OUT]
     output_tokens = sum(record["output_tokens"] for record in generated)
+    prompt_tokens = sum(record["prompt_tokens"] for record in generated)
+    task = settings["run"]["task"]
     return {
         "input": source,
         "output": output,
         "model": model,
-        "sampling": settings["sampling"],
+        "task": task,
+        **({"sampling": settings["sampling"]} if task == "generate" else {"pooling": settings["pooling"]}),
+        **({"dimension": embedding_dimension(output)} if task == "embed" else {}),
         "engine": redacted(settings["engine"]),
         "started": started,
         "finished": time.time(),
@@ -56,9 +60,10 @@ def summarize(
         "error_rows": sum(record["error_rows"] for record in finished.values()),
         "timed_out_rows": int(timed_out["timed_out_rows"].sum()),
         "timed_out_ids": [i for ids in timed_out["timed_out_ids"] for i in ids],
-        "prompt_tokens": sum(record["prompt_tokens"] for record in generated),
+        "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
         "output_tokens_per_second": round(output_tokens / wall, 1) if wall else 0.0,
+        "prompt_tokens_per_second": round(prompt_tokens / wall, 1) if wall else 0.0,
         "prefix_cache_hit_rate": hit_rate(generated),
         "chunk_rows": layout.chunk_rows,
         "chunks": [
@@ -69,6 +74,24 @@ def summarize(
     }
 
 
+def embedding_dimension(output: str) -> int | None:
+    """The run's one embedding dimension, from the Arrow type of a chunk file's ``embedding``."""
+    import pyarrow.parquet as pq
+
+    from daskdp.output.read import chunk_files
+
+    fs, files = chunk_files(output)
+    if not files:
+        return None
+    return pq.read_schema(files[0], filesystem=fs).field("embedding").type.list_size
+
+
+def counted_tokens(summary: dict[str, Any]) -> str:
+    """The tokens a run's speed is counted in: output tokens when generating, prompt tokens
+    when pooling (no output)."""
+    return "output" if summary.get("task", "generate") == "generate" else "prompt"
+
+
 CHUNK_SUMMARY_KEYS = (
     "chunk",
     "partition",
@@ -76,6 +99,7 @@ CHUNK_SUMMARY_KEYS = (
     "worker",
     "rows",
     "error_rows",
+    "prompt_tokens",
     "output_tokens",
     "started",
     "finished",
@@ -157,6 +181,8 @@ def summary_table(summary: dict[str, Any]) -> pd.DataFrame:
     included); a rank's are its busy time, while it had a chunk to generate or write.
     """
     per_rank = rank_totals(summary)
+    counted = counted_tokens(summary)  # output tokens, or prompt tokens for a pooling task
+    rate = f"{counted} tok/s"
     run = {
         "rows": summary["rows"],
         "generated": summary["rows_generated"],
@@ -167,21 +193,23 @@ def summary_table(summary: dict[str, Any]) -> pd.DataFrame:
         "prompt tokens": summary["prompt_tokens"],
         "output tokens": summary["output_tokens"],
         "seconds": summary["wall_seconds"],
-        "output tok/s": summary["output_tokens_per_second"],
+        rate: summary[f"{counted}_tokens_per_second"],
     }
+    if counted == "prompt":
+        del run["output tokens"]
     ranks = pd.DataFrame(
         {
             "generated": per_rank["rows"],
             "error rows": per_rank["error_rows"],
             "chunks": per_rank["chunks"],
-            "output tokens": per_rank["output_tokens"],
+            f"{counted} tokens": per_rank[f"{counted}_tokens"],
             "seconds": per_rank["busy_seconds"],
-            "output tok/s": per_rank["tokens_per_second"],
+            rate: per_rank["tokens_per_second"],
         }
     ).set_axis([f"rank {rank} (busy)" for rank in per_rank.index])
     table = pd.concat([pd.DataFrame([run], index=["run (wall)"]), ranks])
-    counts = [column for column in run if column not in ("seconds", "output tok/s")]
-    return table.astype(dict.fromkeys(counts, "Int64")).round({"seconds": 1, "output tok/s": 1})
+    counts = [column for column in run if column not in ("seconds", rate)]
+    return table.astype(dict.fromkeys(counts, "Int64")).round({"seconds": 1, rate: 1})
 
 
 def format_table(table: pd.DataFrame) -> str:
@@ -209,11 +237,15 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def summary_chunks(summary: dict[str, Any]) -> pd.DataFrame:
     """The chunks this invocation generated, one row each."""
-    return pd.DataFrame(summary["chunks"], columns=CHUNK_COLUMNS).astype(
+    chunks = pd.DataFrame(summary["chunks"], columns=CHUNK_COLUMNS)
+    if chunks["prompt_tokens"].isna().all():  # a summary from before chunks counted them
+        chunks["prompt_tokens"] = 0
+    return chunks.astype(
         {
             "rank": int,
             "rows": int,
             "error_rows": int,
+            "prompt_tokens": int,
             "output_tokens": int,
             "started": float,
             "finished": float,
@@ -222,7 +254,8 @@ def summary_chunks(summary: dict[str, Any]) -> pd.DataFrame:
 
 
 def rank_totals(summary: dict[str, Any]) -> pd.DataFrame:
-    """Rows, chunks, error rows, output tokens, busy seconds and output tokens/s by rank."""
+    """Rows, chunks, error rows, prompt and output tokens, busy seconds and tokens/s (output
+    tokens; prompt tokens when pooling) by rank."""
     per_rank = (
         summary_chunks(summary)
         .groupby("rank")
@@ -230,12 +263,14 @@ def rank_totals(summary: dict[str, Any]) -> pd.DataFrame:
             rows=("rows", "sum"),
             chunks=("chunk", "size"),
             error_rows=("error_rows", "sum"),
+            prompt_tokens=("prompt_tokens", "sum"),
             output_tokens=("output_tokens", "sum"),
         )
     )
     busy = {int(rank): stats["busy_seconds"] for rank, stats in summary["ranks"].items()}
     per_rank["busy_seconds"] = per_rank.index.map(busy).astype(float)
-    rate = per_rank["output_tokens"] / per_rank["busy_seconds"].where(per_rank["busy_seconds"] > 0)
+    counted = per_rank[f"{counted_tokens(summary)}_tokens"]
+    rate = counted / per_rank["busy_seconds"].where(per_rank["busy_seconds"] > 0)
     return per_rank.assign(tokens_per_second=rate.fillna(0.0))
 
 

@@ -90,6 +90,7 @@ class Independent:
             startup_timeout,
             request.stall_timeout,
             generation.output,
+            tokens="prompt" if request.pooled else "output",
         )
         return monitor.wait(dispatcher, generation.deadline)
 
