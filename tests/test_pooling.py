@@ -252,7 +252,7 @@ def test_a_model_that_cannot_serve_the_task_is_refused(cluster, models):
         (
             {"prompt": "a", "embedding": 1},
             "embed",
-            "has a column 'embedding', which --task embed writes; rename or drop it",
+            "has the name of a result column daskdp adds (embedding,",
         ),
         ({"prompt": 1}, "classify", "column 'prompt' of"),
     ],

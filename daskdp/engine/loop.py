@@ -148,7 +148,8 @@ def chunk_loop(
         chunk.give_up(f"stopped by the chunk timeout of {request.chunk_timeout:g} s")
     done = sorted(finished + stopped, key=lambda chunk: chunk.number)
     results = pd.concat([chunk.results(rank, worker.address) for chunk in done])
-    return results.astype(dict.fromkeys(LOGPROB_COLUMNS, object))  # as the meta says (result_dtypes)
+    nested = [name for name in LOGPROB_COLUMNS if name in results.columns]
+    return results.astype(dict.fromkeys(nested, object))  # as the meta says (result_dtypes)
 
 
 def generate_chunks(
