@@ -63,7 +63,6 @@ def generate(
     >>> results.head()  # doctest: +SKIP
     >>> samples = daskdp.generate(frame, n=4, temperature=0.8, seed=0, logprobs=5)  # doctest: +SKIP
     """
-    import dask
     import dask.dataframe as dd
     import pandas as pd
     from distributed import get_client
@@ -107,8 +106,7 @@ def generate(
         frame = read_prompts(os.fspath(prompts), input_settings).frame
     elif isinstance(prompts, pd.DataFrame):
         check_columns(prompts, "the DataFrame", input_settings)
-        with dask.config.set({"dataframe.convert-string": False}):  # lists (stop, messages) stay lists
-            frame = dd.from_pandas(prompts, npartitions=1, sort=False)
+        frame = dd.from_pandas(prompts, npartitions=1, sort=False)
     else:
         check_columns(prompts._meta, "the DataFrame", input_settings)
         frame = prompts

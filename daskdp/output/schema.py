@@ -130,10 +130,19 @@ def result_arrow_schema():
 
 
 def result_meta(meta: pd.DataFrame) -> pd.DataFrame:
-    """The empty frame that describes generated partitions of ``meta``."""
+    """The empty frame that describes generated partitions of ``meta``.
+
+    The nested columns (logprobs) are declared with their Arrow type (``pd.ArrowDtype``), from
+    which Dask's ``to_parquet`` takes their schema (it cannot infer one from an object column);
+    their values are lists of dicts all the same (`result_dtypes`).
+    """
     import pandas as pd
 
-    return meta.assign(**{name: pd.Series(dtype=dtype) for name, dtype in result_dtypes().items()})
+    dtypes = {
+        name: pd.ArrowDtype(arrow_type(name)) if name in LOGPROB_COLUMNS else dtype
+        for name, dtype in result_dtypes().items()
+    }
+    return meta.assign(**{name: pd.Series(dtype=dtype) for name, dtype in dtypes.items()})
 
 
 def record_meta() -> pd.DataFrame:
