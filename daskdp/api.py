@@ -141,7 +141,6 @@ def _pooled(
 
 def _lazy_results(prompts, settings: dict[str, Any], client: Client | None) -> dd.DataFrame:
     """The lazy results of the run ``settings`` describe, over ``prompts``."""
-    import dask
     import dask.dataframe as dd
     import pandas as pd
     from distributed import get_client
@@ -185,8 +184,7 @@ def _lazy_results(prompts, settings: dict[str, Any], client: Client | None) -> d
         frame = read_prompts(os.fspath(prompts), input_settings, task).frame
     elif isinstance(prompts, pd.DataFrame):
         check_columns(prompts, "the DataFrame", input_settings, task)
-        with dask.config.set({"dataframe.convert-string": False}):  # lists (stop, messages) stay lists
-            frame = dd.from_pandas(prompts, npartitions=1, sort=False)
+        frame = dd.from_pandas(prompts, npartitions=1, sort=False)
     else:
         check_columns(prompts._meta, "the DataFrame", input_settings, task)
         frame = prompts

@@ -185,10 +185,18 @@ RECORD_DTYPES = {
 
 
 def result_meta(meta: pd.DataFrame, task: str = GENERATE, dimension: int | None = None) -> pd.DataFrame:
-    """The empty frame that describes ``task``'s result partitions of ``meta``."""
+    """The empty frame that describes ``task``'s result partitions of ``meta``.
+
+    The nested columns (logprobs) are declared with their Arrow type (``pd.ArrowDtype``), from
+    which Dask's ``to_parquet`` takes their schema (it cannot infer one from an object column);
+    their values are lists of dicts all the same (`result_dtypes`).
+    """
     import pandas as pd
 
-    dtypes = result_dtypes(task, dimension)
+    dtypes = {
+        name: pd.ArrowDtype(arrow_type(name)) if name in LOGPROB_COLUMNS else dtype
+        for name, dtype in result_dtypes(task, dimension).items()
+    }
     return meta.assign(**{name: pd.Series(dtype=dtype) for name, dtype in dtypes.items()})
 
 
