@@ -26,7 +26,7 @@ import daskdp
 from conftest import REPO, TINY_ENGINE, TINY_MODEL, daskdp_cli, error_line
 from daskdp import config
 from daskdp.engine.plugin import EnginePlugin, engine_status
-from daskdp.errors import UserError
+from daskdp.errors import RunError, UserError
 
 TEXTS = [
     f"Sentence {i}: the {['river', 'moon', 'bread', 'chess'][i % 4]} is {i * 7 % 13} times calm."
@@ -136,8 +136,10 @@ def test_embed_matches_plain_vllm_with_one_row_each(cluster, plain):
     assert lazy.dtypes["embedding"] == pd.ArrowDtype(pa.list_(pa.float32(), 128))
     # The engines were loaded for embedding: a warm cluster's generation engines were replaced.
     held = {status[0] for status in client.run(engine_status).values()}
-    model, engine_args = config.engine_arguments(config.load(overrides={"run.task": "embed"}), gpu_host=False)
-    assert held == {EnginePlugin(model, engine_args, task="embed").fingerprint}
+    settings = config.load(overrides={"run.task": "embed"})
+    model, engine_args = config.engine_arguments(settings, gpu_host=False)
+    pooling = config.pooling_options(settings)
+    assert held == {EnginePlugin(model, engine_args, task="embed", pooling=pooling).fingerprint}
     assert EnginePlugin(model, engine_args, task="generate").fingerprint not in held
     results = computed(client, lazy)
     assert list(results["id"]) == list(range(len(TEXTS) + len(ERROR_ROWS)))
@@ -239,6 +241,13 @@ def test_a_model_that_cannot_serve_the_task_is_refused(cluster, models):
     _, client = cluster
     with pytest.raises(Exception, match="cannot serve --task embed .* give --model an embedding model"):
         daskdp.embed(pd.DataFrame({"prompt": TEXTS}), models["classifier"], client=client)
+
+
+@pytest.mark.slow  # loads (and refuses) an engine on both ranks
+def test_dimensions_the_model_refuses_fail_the_load_in_one_line(cluster):
+    _, client = cluster
+    with pytest.raises(RunError, match="does not support Matryoshka embeddings; dimensions must be unset"):
+        daskdp.embed(pd.DataFrame({"prompt": TEXTS}), client=client, dimensions=32)
 
 
 @pytest.mark.parametrize(
