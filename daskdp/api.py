@@ -172,7 +172,9 @@ def _lazy_results(prompts, settings: dict[str, Any], client: Client | None) -> d
             "or set parallel.mode to independent for one engine per rank"
         )
     ranks = ensure_engines(
-        client, EnginePlugin(model_path, engine_args, task=task), settings["cluster"]["startup-timeout"]
+        client,
+        EnginePlugin(model_path, engine_args, task=task, pooling=config.pooling_options(settings)),
+        settings["cluster"]["startup-timeout"],
     )
     dimension = None
     if task == "embed":  # the engines' one embedding dimension, for the frame's meta

@@ -133,3 +133,10 @@ def _same_path(model: str | os.PathLike, directory: Path) -> bool:
         return Path(model).resolve() == directory.resolve()
     except (OSError, RuntimeError):
         return False
+
+
+def pooling_options(config: dict[str, Any]) -> dict[str, Any] | None:
+    """A pooling task's options that its engines check when they load (``None`` when generating)."""
+    if task(config) == "generate":
+        return None
+    return {"normalize": config["pooling"]["normalize"], "dimensions": config["pooling"]["dimensions"]}

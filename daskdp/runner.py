@@ -143,7 +143,7 @@ def run(
                     Generation(
                         client,
                         plan,
-                        EnginePlugin(model, engine_args, task=task),
+                        EnginePlugin(model, engine_args, task=task, pooling=config.pooling_options(settings)),
                         request,
                         output,
                         startup_timeout=settings["cluster"]["startup-timeout"],

@@ -66,3 +66,10 @@ def test_prefix_benchmark_runs():
     lines = benchmark("prefix.py", "--rows", "300", "--prefixes", "4", "--repeats", "1")
     assert any(line.startswith("ratio b/a") for line in lines), lines
     assert any(line.startswith("hit rate") for line in lines), lines
+
+
+@pytest.mark.slow
+def test_embed_benchmark_runs():
+    lines = benchmark("embed.py", "--rows", "200", "--repeats", "1")
+    assert {line[:9] for line in lines if line.startswith("ratio ")} == {"ratio b/a", "ratio c/a"}, lines
+    assert sum("lowest cosine to the baseline's: 1.0000" in line for line in lines) == 2, lines

@@ -26,7 +26,7 @@ import daskdp
 from conftest import REPO, TINY_ENGINE, TINY_MODEL, daskdp_cli, error_line
 from daskdp import config
 from daskdp.engine.plugin import EnginePlugin, engine_status
-from daskdp.errors import UserError
+from daskdp.errors import RunError, UserError
 
 TEXTS = [
     f"Sentence {i}: the {['river', 'moon', 'bread', 'chess'][i % 4]} is {i * 7 % 13} times calm."
@@ -136,8 +136,10 @@ def test_embed_matches_plain_vllm_with_one_row_each(cluster, plain):
     assert lazy.dtypes["embedding"] == pd.ArrowDtype(pa.list_(pa.float32(), 128))
     # The engines were loaded for embedding: a warm cluster's generation engines were replaced.
     held = {status[0] for status in client.run(engine_status).values()}
-    model, engine_args = config.engine_arguments(config.load(overrides={"run.task": "embed"}), gpu_host=False)
-    assert held == {EnginePlugin(model, engine_args, task="embed").fingerprint}
+    settings = config.load(overrides={"run.task": "embed"})
+    model, engine_args = config.engine_arguments(settings, gpu_host=False)
+    pooling = config.pooling_options(settings)
+    assert held == {EnginePlugin(model, engine_args, task="embed", pooling=pooling).fingerprint}
     assert EnginePlugin(model, engine_args, task="generate").fingerprint not in held
     results = computed(client, lazy)
     assert list(results["id"]) == list(range(len(TEXTS) + len(ERROR_ROWS)))
@@ -209,7 +211,21 @@ def test_run_on_two_ranks_resumes_and_reads_back_lazily(cluster, plain, tmp_path
     assert "<h2>Embedding norms</h2>" in page and "<dt>dimension</dt><dd>128</dd>" in page
 
 
-def test_classify_matches_plain_vllm(cluster, plain, models):
+def run_and_report(client, models, task: str, rows: pd.DataFrame, tmp_path, heading: str) -> pd.DataFrame:
+    """``rows`` through ``daskdp.run`` on the warm cluster with the engines of ``task``'s test
+    model; the report must show ``heading``. The results, by id."""
+    from daskdp.report import write_report
+
+    source, out = tmp_path / "rows.parquet", tmp_path / "out"
+    rows.to_parquet(source)
+    model = models["classifier" if task == "classify" else "cross-encoder"]
+    overrides = {"cluster.scheduler-address": client.scheduler.address, "run.task": task, "model": model}
+    daskdp.run(str(source), str(out), config_file=models["config"], overrides=overrides)
+    assert heading in open(write_report(out), encoding="utf-8").read()
+    return daskdp.read_results(out).compute().sort_values("id").reset_index(drop=True)
+
+
+def test_classify_matches_plain_vllm(cluster, plain, models, tmp_path):
     _, client = cluster
     results = computed(
         client,
@@ -224,14 +240,20 @@ def test_classify_matches_plain_vllm(cluster, plain, models):
     assert list(fine["label"]) == list(names[np.argmax(plain("classify"), axis=1)])
     assert results["label"].iloc[len(TEXTS) :].isna().all()
 
+    # The same engines through `daskdp.run`: labels written, counted in the report.
+    written = run_and_report(client, models, "classify", with_bad_rows(TEXTS), tmp_path, "<h2>Labels</h2>")
+    assert list(written["label"].iloc[: len(TEXTS)]) == list(fine["label"])
 
-def test_score_on_a_cross_encoder_matches_plain_vllm(cluster, plain, models):
+
+def test_score_on_a_cross_encoder_matches_plain_vllm(cluster, plain, models, tmp_path):
     _, client = cluster
     pairs = pd.DataFrame({"text_1": PAIRS_1, "text_2": PAIRS_2})
     results = computed(
         client, daskdp.score(pairs, models["cross-encoder"], client=client, config_file=models["config"])
     )
     close(results["score"], plain("cross"))
+    written = run_and_report(client, models, "score", pairs, tmp_path, "<h2>Scores</h2>")
+    close(written["score"], plain("cross"))
 
 
 @pytest.mark.slow  # loads (and refuses) an engine on both ranks
@@ -239,6 +261,13 @@ def test_a_model_that_cannot_serve_the_task_is_refused(cluster, models):
     _, client = cluster
     with pytest.raises(Exception, match="cannot serve --task embed .* give --model an embedding model"):
         daskdp.embed(pd.DataFrame({"prompt": TEXTS}), models["classifier"], client=client)
+
+
+@pytest.mark.slow  # loads (and refuses) an engine on both ranks
+def test_dimensions_the_model_refuses_fail_the_load_in_one_line(cluster):
+    _, client = cluster
+    with pytest.raises(RunError, match="does not support Matryoshka embeddings; dimensions must be unset"):
+        daskdp.embed(pd.DataFrame({"prompt": TEXTS}), client=client, dimensions=32)
 
 
 @pytest.mark.parametrize(

@@ -87,6 +87,11 @@ class EnginePlugin(WorkerPlugin):
         ``generate``, or a pooling task (``embed``, ``classify``, ``score``; ``engine_args``
         then hold ``runner="pooling"``): the loaded model is checked to serve it, and an
         engine loaded for another task is replaced.
+    pooling
+        A pooling task's options (``pooling:`` of the configuration: ``normalize``,
+        ``dimensions``): checked against the loaded model, so that a setting it refuses
+        (Matryoshka dimensions on a model without them) fails the load in one line rather than
+        every row.
     data_parallel
         Gang mode: each member worker's data-parallel variables, by worker address, as
         `daskdp.strategies.gang.data_parallel_layout` computes them. ``None`` (independent mode): every ``GPU`` worker
@@ -107,6 +112,7 @@ class EnginePlugin(WorkerPlugin):
         engine_args: dict[str, Any] | None = None,
         data_parallel: Mapping[str, DataParallelEnv] | None = None,
         task: str = "generate",
+        pooling: dict[str, Any] | None = None,
     ):
         if not isinstance(model, str) or not model:
             raise TypeError(f"model must be a path or a model name, got {model!r}")
@@ -122,7 +128,9 @@ class EnginePlugin(WorkerPlugin):
             # in-process executor joins the group from the VLLM_DP_* variables all the same.
             self.engine_args.setdefault("distributed_executor_backend", "uni")
         self.task = task
-        self.fingerprint = engine_fingerprint(model, self.engine_args, self.data_parallel, task)
+        self.pooling = dict(pooling or {})
+        identity = task if not self.pooling else f"{task} {json.dumps(self.pooling, sort_keys=True)}"
+        self.fingerprint = engine_fingerprint(model, self.engine_args, self.data_parallel, identity)
         self.rank: int | None = None
         self.engine: Engine | None = None
 
@@ -147,7 +155,7 @@ class EnginePlugin(WorkerPlugin):
         logger.info("rank %d loading %s", self.rank, self.model)
         await asyncio.get_running_loop().run_in_executor(engine._thread, engine.load)
         try:
-            check_task(engine.llm, self.task, self.model)
+            check_task(engine.llm, self.task, self.model, self.pooling)
         except BaseException:
             await asyncio.get_running_loop().run_in_executor(None, engine.close)
             raise
@@ -160,24 +168,27 @@ class EnginePlugin(WorkerPlugin):
         await asyncio.get_running_loop().run_in_executor(None, engine.close)
 
 
-def check_task(llm: Any, task: str, model: str) -> None:
-    """Refuse a loaded model that cannot serve ``task``, saying which model would."""
+def check_task(llm: Any, task: str, model: str, pooling: dict[str, Any] | None = None) -> None:
+    """Refuse a loaded model that cannot serve ``task`` (saying which model would), or the
+    ``pooling`` options it refuses (vLLM's own reason)."""
+    from daskdp.engine.requests import engine_pooling_params
+
     if task == "generate":
         return
     serves = set(llm.supported_tasks)
     if task == "score":
         one_label = getattr(llm.model_config.hf_config, "num_labels", 0) == 1
-        if "embed" in serves or ("classify" in serves and one_label):
-            return
+        served = "embed" in serves or ("classify" in serves and one_label)
         need = "an embedding model (scored by cosine) or a cross-encoder (a classifier with one label)"
-    elif task in serves:
-        return
     else:
+        served = task in serves
         need = "an embedding model" if task == "embed" else "a sequence-classification model"
-    raise ValueError(
-        f"{model} cannot serve --task {task} (it serves {', '.join(sorted(serves)) or 'no pooling task'}); "
-        f"give --model {need}"
-    )
+    if not served:
+        raise ValueError(
+            f"{model} cannot serve --task {task} (it serves {', '.join(sorted(serves)) or 'no pooling task'}); "
+            f"give --model {need}"
+        )
+    engine_pooling_params(llm, task, pooling or {}).verify(llm.model_config)
 
 
 def engine_fingerprint(

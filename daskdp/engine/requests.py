@@ -313,16 +313,23 @@ def add_pooling_requests(
 
 
 def pooling_params(llm: LLM, request: GenerationRequest, task: str | None = None):
-    """The run's one ``PoolingParams``: the vLLM pooling task behind daskdp's, normalisation
-    (``use_activation``) and Matryoshka ``dimensions`` for embeddings."""
+    """The run's one ``PoolingParams``: the vLLM pooling task behind daskdp's (``task``), with
+    the run's pooling options."""
+    return engine_pooling_params(llm, task or request.task, request.pooling)
+
+
+def engine_pooling_params(llm: LLM, task: str, options: dict[str, Any]):
+    """``PoolingParams`` for daskdp's ``task`` on ``llm``: vLLM's task (score: the engine's own,
+    embed or classify), normalisation (``use_activation``) and, for embeddings, Matryoshka
+    ``dimensions``."""
     from vllm import PoolingParams
 
-    if task is None:
-        task = request.task if request.task != "score" else llm.pooling_task
-    options = {"use_activation": request.pooling["normalize"]}
+    if task == "score":
+        task = llm.pooling_task
+    params = {"use_activation": options.get("normalize")}
     if task == "embed":
-        options["dimensions"] = request.pooling["dimensions"]
-    return PoolingParams(task=task, **options)
+        params["dimensions"] = options.get("dimensions")
+    return PoolingParams(task=task, **params)
 
 
 def _pooling_tokens(
