@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from daskdp import config
 from daskdp.clusters.ranks import visible_gpus
+from daskdp.engine.lora import check_adapters
+from daskdp.engine.structured import run_wide_constraint
 from daskdp.errors import UserError
 from daskdp.output.read import read_manifest, read_results, read_summary
 
@@ -24,6 +26,11 @@ def generate(
     *,
     client: Client | None = None,
     config_file: str | None = None,
+    json_schema: dict | str | None = None,
+    regex: str | None = None,
+    choice: list[str] | None = None,
+    grammar: str | None = None,
+    lora: dict[str, str] | None = None,
     **sampling: Any,
 ) -> dd.DataFrame:
     """Generations for ``prompts`` as a lazy Dask DataFrame.
@@ -43,6 +50,13 @@ def generate(
         Model directory or Hugging Face name; default from configuration.
     client
         The Dask client; default: the current one.
+    json_schema, regex, choice, grammar
+        Structured output for every row (at most one): a JSON Schema (a mapping or its JSON
+        text), a regular expression, a list of strings, or a grammar. A row's own
+        ``json_schema``, ``regex``, ``choice`` or ``grammar`` column replaces it.
+    lora
+        LoRA adapters by name, ``{name: directory or URL}``, which rows name in their ``lora``
+        column (null: the base model); replaces ``lora.adapters`` of the configuration.
     **sampling
         Sampling settings: ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``,
         ``stop``, ``ignore_eos``.
@@ -61,8 +75,15 @@ def generate(
     unknown = set(sampling) - {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"}
     if unknown:
         raise TypeError(f"generate() got unknown sampling settings: {', '.join(sorted(unknown))}")
-    overrides = {"model": model, **{f"sampling.{k.replace('_', '-')}": v for k, v in sampling.items()}}
+    structured = {"json_schema": json_schema, "regex": regex, "choice": choice, "grammar": grammar}
+    overrides = {
+        "model": model,
+        **{f"sampling.{k.replace('_', '-')}": v for k, v in {**sampling, **structured}.items()},
+        "lora.adapters": lora,
+    }
     settings = config.load(config_file, overrides)
+    settings["sampling"] = run_wide_constraint(settings["sampling"])
+    check_adapters(settings["lora"])
     input_settings = settings["input"]
     if client is None:
         try:

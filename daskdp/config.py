@@ -113,6 +113,9 @@ def engine_arguments(config: dict[str, Any], gpu_host: bool) -> tuple[str, dict[
     arguments: dict[str, Any] = {}
     for layer in layers:
         arguments.update({key.replace("-", "_"): value for key, value in layer.items()})
+    from daskdp.engine import lora
+
+    arguments.update(lora.engine_arguments(config["lora"]))
     return str(model), arguments
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from daskdp.engine.requests import add_requests
+from daskdp.engine.structured import count_valid, row_constraints
 from daskdp.output.schema import RESULT_DTYPES
 
 if TYPE_CHECKING:
@@ -36,11 +37,15 @@ class Chunk:
         self.started = time.time()
         self.head_since: float | None = None  # when it became the oldest chunk in the engine
         self.prefix_cache = (0, 0)  # the engine's prefix-cache queries and hits, in tokens
+        self.constraints: list = [None] * n  # each row's structured constraint, if any
 
     def enqueue(self, llm: LLM, request: GenerationRequest) -> None:
         """Render and check every row, then add the good ones to the engine."""
         self.started = time.time()
-        self.prompt_tokens[:], self.pending = add_requests(llm, self.rows, request, self.errors)
+        self.constraints = row_constraints(self.rows, request.sampling, self.errors)
+        self.prompt_tokens[:], self.pending = add_requests(
+            llm, self.rows, request, self.errors, self.constraints
+        )
 
     def finish_row(self, request_id: str, output: Any) -> int:
         """Take a finished request's output; return its number of output tokens."""
@@ -85,6 +90,7 @@ class Chunk:
         """What the manifest keeps of this chunk."""
         ids = self.rows[id_column]
         unfinished = sorted(self.pending.values())
+        structured_rows, structured_valid = count_valid(self.constraints, self.texts, self.errors)
         return {
             "chunk": self.number,
             "status": "",
@@ -100,6 +106,8 @@ class Chunk:
             "timed_out_ids": [str(ids.iloc[i]) for i in unfinished],
             "prefix_cache_queries": self.prefix_cache[0],
             "prefix_cache_hits": self.prefix_cache[1],
+            "structured_rows": structured_rows,
+            "structured_valid": structured_valid,
             "rank": rank,
             "worker": worker,
             "partition": partition,
