@@ -68,6 +68,7 @@ def generate(
     >>> results = daskdp.generate("prompts.parquet", max_tokens=64)  # doctest: +SKIP
     >>> results.head()  # doctest: +SKIP
     """
+    import dask
     import dask.dataframe as dd
     import pandas as pd
     from distributed import get_client
@@ -117,7 +118,10 @@ def generate(
         frame = read_prompts(os.fspath(prompts), input_settings).frame
     elif isinstance(prompts, pd.DataFrame):
         check_columns(prompts, "the DataFrame", input_settings)
-        frame = dd.from_pandas(prompts, npartitions=1, sort=False)
+        # Dask's string conversion would turn chat messages, JSON Schemas and choices (lists
+        # and dicts) into their repr.
+        with dask.config.set({"dataframe.convert-string": False}):
+            frame = dd.from_pandas(prompts, npartitions=1, sort=False)
     else:
         check_columns(prompts._meta, "the DataFrame", input_settings)
         frame = prompts

