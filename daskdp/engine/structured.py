@@ -212,6 +212,7 @@ def row_constraints(part: pd.DataFrame, sampling: dict[str, Any], errors: np.nda
     columns = [column for column in CONSTRAINT_COLUMNS if column in part]
     values = [part[column].to_numpy(dtype=object) for column in columns]
     constraints: list[Constraint | None] = [run_wide] * len(part)
+    seen: dict[tuple[str, str], Constraint | str] = {}  # by text: rows often share a schema
     for i in range(len(part)):
         own = [(column, v[i]) for column, v in zip(columns, values, strict=True) if not _missing_value(v[i])]
         if not own or errors[i] is not None:
@@ -222,10 +223,20 @@ def row_constraints(part: pd.DataFrame, sampling: dict[str, Any], errors: np.nda
             )
             continue
         ((column, value),) = own
-        try:
-            constraints[i] = (column, normalized(column, value))
-        except ValueError as e:
-            errors[i] = f"{column} {e}"
+        key = (column, value) if isinstance(value, str) else None
+        if key is None or key not in seen:
+            try:
+                found: Constraint | str = (column, normalized(column, value))
+            except ValueError as e:
+                found = f"{column} {e}"
+            if key is not None:
+                seen[key] = found
+        else:
+            found = seen[key]
+        if isinstance(found, str):
+            errors[i] = found
+        else:
+            constraints[i] = found
     return constraints
 
 
@@ -252,9 +263,12 @@ def structured_outputs(constraint: Constraint | None):
     return StructuredOutputsParams(**{CONSTRAINT_COLUMNS[column][1]: value})
 
 
-def output_is_valid(constraint: Constraint, text: str) -> bool | None:
+def output_is_valid(constraint: Constraint, text: str, validators: dict | None = None) -> bool | None:
     """Whether ``text`` meets ``constraint``: a JSON Schema's text parses and validates, a regex
-    matches all of it, a choice is one of the list. ``None`` for a grammar (not checked)."""
+    matches all of it, a choice is one of the list. ``None`` for a grammar (not checked).
+
+    ``validators``: JSON Schema validators already made, by `constraint_key`, to reuse.
+    """
     column, value = constraint
     if column == "choice":
         return text in value
@@ -270,8 +284,12 @@ def output_is_valid(constraint: Constraint, text: str) -> bool | None:
             return False
         import jsonschema
 
+        validators = {} if validators is None else validators
+        key = constraint_key(constraint)
         try:
-            return jsonschema.validators.validator_for(value)(value).is_valid(instance)
+            if key not in validators:
+                validators[key] = jsonschema.validators.validator_for(value)(value)
+            return validators[key].is_valid(instance)
         except jsonschema.SchemaError:
             return False
     return None
@@ -281,10 +299,11 @@ def count_valid(constraints: list, texts: np.ndarray, errors: np.ndarray) -> tup
     """Rows generated under a checked constraint (JSON Schema, regex, choice), and how many of
     their texts meet it."""
     checked = valid = 0
+    validators: dict = {}
     for constraint, text, error in zip(constraints, texts, errors, strict=True):
         if constraint is None or error is not None or text is None:
             continue
-        verdict = output_is_valid(constraint, text)
+        verdict = output_is_valid(constraint, text, validators)
         if verdict is not None:
             checked += 1
             valid += verdict
