@@ -232,7 +232,7 @@ def test_resume_refuses_another_constraint(structured_run):
     error_line(done, "cannot resume", "sampling.choice", "sampling.regex")
 
 
-def test_a_run_wide_constraint_that_does_not_compile_is_one_line(tmp_path):
+def test_a_bad_run_wide_constraint_or_adapter_is_one_line(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text('{"prompt": "hi"}\n')
     done = daskdp_cli("run", source, "-o", tmp_path / "out", "--regex", "[a-z")
@@ -241,6 +241,8 @@ def test_a_run_wide_constraint_that_does_not_compile_is_one_line(tmp_path):
     schema.write_text('{"type": "nonsense"}')
     done = daskdp_cli("run", source, "-o", tmp_path / "out", "--json-schema", schema)
     error_line(done, "--json-schema (sampling.json-schema) is not a valid JSON Schema")
+    done = daskdp_cli("run", source, "-o", tmp_path / "out", "--lora", f"a={tmp_path}")
+    error_line(done, f"adapter 'a' ({tmp_path}) has no adapter_config.json")
     assert not (tmp_path / "out").exists()
 
 
