@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from daskdp import config
 from daskdp.clusters.ranks import visible_gpus
-from daskdp.engine.lora import check_adapters
+from daskdp.engine.lora import checked_adapters
 from daskdp.engine.structured import run_wide_constraint
 from daskdp.errors import UserError
 from daskdp.output.read import read_manifest, read_results, read_summary
@@ -84,7 +84,7 @@ def generate(
     }
     settings = config.load(config_file, overrides)
     settings["sampling"] = run_wide_constraint(settings["sampling"])
-    check_adapters(settings["lora"])
+    settings["lora"] = checked_adapters(settings["lora"])
     input_settings = settings["input"]
     if client is None:
         try:

@@ -49,14 +49,16 @@ def parse_flags(flags: list[str] | None) -> dict[str, str] | None:
     return adapters
 
 
-def check_adapters(lora: dict[str, Any]) -> None:
-    """Refuse, before any cluster starts, an adapter that cannot be found or whose rank is above
-    ``lora.max-rank`` (vLLM would refuse every row of it)."""
+def checked_adapters(lora: dict[str, Any]) -> dict[str, Any]:
+    """``lora`` with its adapters checked, local paths made absolute (the ranks' working
+    directory may differ). Refuses, before any cluster starts, an adapter that cannot be
+    found or whose rank is above ``lora.max-rank`` (vLLM would refuse every row of it)."""
     import fsspec
 
     adapters = lora.get("adapters") or {}
     if not isinstance(adapters, dict):
         raise UserError(f"lora.adapters must map names to paths, got {adapters!r:.80}; see conf/default.yaml")
+    resolved = {}
     for name, path in adapters.items():
         where = f"adapter {name!r} ({path})"
         try:
@@ -74,6 +76,8 @@ def check_adapters(lora: dict[str, Any]) -> None:
             raise UserError(
                 f"{where} has rank {rank}, above lora.max-rank {lora['max-rank']}; raise lora.max-rank"
             )
+        resolved[str(name)] = root if "file" in fs.protocol or "local" in fs.protocol else str(path)
+    return {**lora, "adapters": resolved}
 
 
 def adapter_ids(adapters: dict[str, str]) -> dict[str, int]:
