@@ -56,17 +56,30 @@ def make_prompts(rows: int) -> pd.DataFrame:
 MODEL = "tiny"
 
 
-def settings(max_tokens: int, config_file: str | os.PathLike | None = None) -> tuple[str, dict, dict]:
-    """Model, engine arguments and sampling settings as ``daskdp run --model tiny --max-tokens N --ignore-eos`` resolves them here."""
+def settings(
+    max_tokens: int, config_file: str | os.PathLike | None = None, overrides: dict | None = None
+) -> tuple[str, dict, dict]:
+    """Model, engine arguments and sampling settings as ``daskdp run --model tiny --max-tokens N --ignore-eos`` resolves them here.
+
+    ``overrides``: more configuration keys, as flags give them (``{"lora.adapters": {...}}``).
+    """
     from daskdp import config
     from daskdp.clusters.ranks import visible_gpus
 
     resolved = config.load(
         config_file,
-        overrides={"model": MODEL, "sampling.max-tokens": max_tokens, "sampling.ignore-eos": True},
+        overrides={
+            "model": MODEL,
+            "sampling.max-tokens": max_tokens,
+            "sampling.ignore-eos": True,
+            **(overrides or {}),
+        },
     )
     model, engine_args = config.engine_arguments(resolved, gpu_host=bool(visible_gpus()))
-    sampling = {key.replace("-", "_"): value for key, value in resolved["sampling"].items()}
+    from daskdp.engine.requests import SAMPLING_KEYS
+
+    # SamplingParams' own keywords: structured-output settings are built apart (a benchmark's own)
+    sampling = {key.replace("-", "_"): resolved["sampling"][key] for key in SAMPLING_KEYS}
     sampling["stop"] = list(sampling["stop"] or []) or None
     return model, engine_args, sampling
 

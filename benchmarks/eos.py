@@ -129,7 +129,10 @@ def settings(max_tokens: int) -> tuple[str, dict, dict]:
 
     resolved = config.load(None, overrides={"sampling.max-tokens": max_tokens})
     model, engine_args = config.engine_arguments(resolved, gpu_host=bool(visible_gpus()))
-    sampling = {key.replace("-", "_"): value for key, value in resolved["sampling"].items()}
+    from daskdp.engine.requests import SAMPLING_KEYS
+
+    # SamplingParams' own keywords: structured-output settings are built apart (a benchmark's own)
+    sampling = {key.replace("-", "_"): resolved["sampling"][key] for key in SAMPLING_KEYS}
     sampling["stop"] = list(sampling["stop"] or []) or None
     return model, engine_args, sampling
 

@@ -63,6 +63,18 @@ Run it from the repository's root::
     .venv/bin/python benchmarks/overhead.py               # 20,000 prompts, 3 rounds
     .venv/bin/python benchmarks/overhead.py --rows 2000 --repeats 1 --keep
     .venv/bin/python benchmarks/overhead.py --chunk-size 128   # the cost of small checkpoints
+    .venv/bin/python benchmarks/overhead.py --workload json --rows 2000   # per-row control (issue 22)
+
+Workloads (``--workload``), the same requests on both sides:
+
+* ``plain`` (default): the prompts above, 32 tokens each past EOS.
+* ``json``: structured JSON output; each row has its own ``json_schema`` (two object schemas,
+  alternating by row, as JSON text). The baseline gives ``LLM.generate`` one ``SamplingParams``
+  per row with ``StructuredOutputsParams(json=...)``. No ``ignore_eos`` (a finished grammar
+  allows only EOS): each row's output tokens must equal the baseline's.
+* ``lora``: two LoRA adapters (``tools/make_tiny_lora.py``, seeds 0 and 1) alternating by row
+  (``lora`` column; ``--lora a=... --lora b=...``). Both engines start with LoRA enabled
+  (daskdp's ``lora.*`` settings); the baseline passes one ``LoRARequest`` per row.
 """
 
 from __future__ import annotations
@@ -83,6 +95,7 @@ from common import (
     phase_lines,
     read_shards,
     run_daskdp,
+    run_daskdp_checked,
     run_process,
     settings,
     shown,
@@ -98,6 +111,15 @@ TARGET = 1.05
 # --workload samples: daskdp's flags, and the same as SamplingParams arguments for the baseline.
 SAMPLES_FLAGS = ["--n", "4", "--logprobs", "5", "--temperature", "0.8"]
 SAMPLES = {"n": 4, "logprobs": 5, "temperature": 0.8}
+WORKLOADS = ("plain", "json", "lora", "samples")
+JSON_SCHEMAS = [
+    {
+        "type": "object",
+        "properties": {"topic": {"type": "string"}, "facts": {"type": "integer"}},
+        "required": ["topic", "facts"],
+    },
+    {"type": "object", "properties": {"label": {"enum": ["yes", "no"]}}, "required": ["label"]},
+]
 
 # The baseline: one plain vLLM engine in one process. Phase times go to stdout as one JSON line.
 BASELINE = r"""
@@ -113,7 +135,19 @@ frame = pd.read_parquet(spec["input"])
 t_read = time.perf_counter()
 llm = LLM(model=spec["model"], **spec["engine"])
 t_load = time.perf_counter()
-outputs = llm.generate(frame["prompt"].tolist(), SamplingParams(**spec["sampling"]), use_tqdm=False)
+params, loras = SamplingParams(**spec["sampling"]), None
+if "json_schema" in frame:  # one SamplingParams per row, with its own schema
+    from vllm.sampling_params import StructuredOutputsParams
+    by_schema = {
+        schema: SamplingParams(**spec["sampling"], structured_outputs=StructuredOutputsParams(json=schema))
+        for schema in set(frame["json_schema"])
+    }
+    params = [by_schema[schema] for schema in frame["json_schema"]]
+if "lora" in frame:  # one LoRARequest per row
+    from vllm.lora.request import LoRARequest
+    made = {name: LoRARequest(name, i, path) for i, (name, path) in enumerate(sorted(spec["adapters"].items()), start=1)}
+    loras = [made[name] for name in frame["lora"]]
+outputs = llm.generate(frame["prompt"].tolist(), params, lora_request=loras, use_tqdm=False)
 t_generate = time.perf_counter()
 samples = [(i, c) for i, o in enumerate(outputs) for c in sorted(o.outputs, key=lambda c: c.index)]
 frame = frame.iloc[[i for i, _ in samples]].assign(
@@ -138,13 +172,16 @@ print("PHASES" + json.dumps({"phases": phases, "written": time.time()}), flush=T
 """
 
 
-def run_baseline(source: Path, output: Path, model: str, engine_args: dict, sampling: dict, env) -> dict:
+def run_baseline(
+    source: Path, output: Path, model: str, engine_args: dict, sampling: dict, env, adapters: dict
+) -> dict:
     spec = {
         "input": str(source),
         "output": str(output),
         "model": model,
         "engine": engine_args,
         "sampling": sampling,
+        "adapters": adapters,
     }
     run, done = run_process([PYTHON, "-c", BASELINE, json.dumps(spec)], env, "baseline")
     (report,) = phase_lines(done.stdout)
@@ -177,28 +214,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory and print its path")
     parser.add_argument(
         "--workload",
-        choices=["greedy", "samples"],
-        default="greedy",
-        help="greedy (default), or samples: n = 4 with logprobs K = 5 at temperature 0.8",
+        choices=WORKLOADS,
+        default="plain",
+        help="plain (default), json, lora or samples: see above",
     )
     args = parser.parse_args(argv)
     if args.rows < 1 or args.repeats < 1:
         parser.error("--rows and --repeats must be at least 1")
 
-    model, engine_args, sampling = settings(MAX_TOKENS)
-    samples = args.workload == "samples"
-    if samples:
-        sampling = {**sampling, **SAMPLES}
     env = worker_environment(0, 1)
     with work_directory("daskdp-overhead-", args.keep) as workdir:
         source = workdir / "prompts.parquet"
-        make_prompts(args.rows).to_parquet(source, index=False)
+        prompts, adapters, extra = workload(args.workload, args.rows, workdir)
+        prompts.to_parquet(source, index=False)
+        model, engine_args, sampling = settings(MAX_TOKENS, overrides={"lora.adapters": adapters or None})
+        past_eos = args.workload != "json"
+        sampling["ignore_eos"] = past_eos
+        samples = args.workload == "samples"
+        if samples:
+            sampling = {**sampling, **SAMPLES}
         out_b = workdir / "daskdp.out"
-        extra = ["--chunk-size", str(args.chunk_size)] if args.chunk_size else []
-        extra += SAMPLES_FLAGS if samples else []
+        if args.chunk_size:
+            extra += ["--chunk-size", str(args.chunk_size)]
         command = daskdp_command(source, out_b, 1, MAX_TOKENS, *extra)
+        if not past_eos:
+            command.remove("--ignore-eos")
+        until = "ignore_eos" if past_eos else "at most"
         shape = "n = 4 samples with logprobs K = 5, temperature 0.8" if samples else "greedy"
-        print(f"workload      {args.rows:,} prompts x {MAX_TOKENS} tokens, ignore_eos, {shape}; {source}")
+        print(
+            f"workload      {args.workload}: {args.rows:,} prompts x {until} {MAX_TOKENS} tokens, {shape}; {source}"
+        )
         print(f"model         {model}")
         print(f"engine        {json.dumps(engine_args)}")
         print(f"baseline env  {threads(env)} (as daskdp's single rank)")
@@ -209,13 +254,19 @@ def main(argv: list[str] | None = None) -> int:
         sides = Sides({"a": "baseline", "b": "daskdp"})
         for round_ in range(1, args.repeats + 1):
             out_a = workdir / f"baseline-{round_}.parquet"
-            a = run_baseline(source, out_a, model, engine_args, sampling, env)
+            a = run_baseline(source, out_a, model, engine_args, sampling, env, adapters)
+            written = pd.read_parquet(out_a)
+            # Past EOS every row has MAX_TOKENS; else daskdp's rows must have the baseline's.
+            tokens = MAX_TOKENS if past_eos else written.set_index("id")["output_tokens"]
             check = check_samples if samples else check_rows
-            baseline = check("baseline", pd.read_parquet(out_a), args.rows, MAX_TOKENS)
+            baseline = check("baseline", written, args.rows, tokens)
             sides.record(round_, "a", a)
 
-            b = run_daskdp(command, out_b)
-            ours = check("daskdp", read_shards(out_b), args.rows, MAX_TOKENS)
+            if samples:
+                b = run_daskdp(command, out_b)
+                ours = check_samples("daskdp", read_shards(out_b), args.rows, tokens)
+            else:
+                b, ours = run_daskdp_checked(command, out_b, "daskdp", args.rows, tokens)
             sides.record(round_, "b", b)
             if round_ == 1 and not samples:  # greedy: the same texts
                 print(f"round {round_}  texts: {texts_differ(baseline, ours)}")
@@ -229,6 +280,24 @@ def main(argv: list[str] | None = None) -> int:
             f"target        b/a <= {TARGET:.2f}: {verdict(value, TARGET)} ({(value - 1) * 100:+.1f}% overhead)"
         )
     return 0
+
+
+def workload(name: str, rows: int, workdir: Path) -> tuple[pd.DataFrame, dict[str, str], list[str]]:
+    """The prompts of workload ``name``, its LoRA adapters by name, and daskdp's extra flags."""
+    prompts = make_prompts(rows)
+    if name == "json":
+        schemas = [json.dumps(schema) for schema in JSON_SCHEMAS]
+        return prompts.assign(json_schema=[schemas[i % 2] for i in range(rows)]), {}, []
+    if name == "lora":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+        from make_tiny_lora import make_tiny_lora
+
+        adapters = {name: str(make_tiny_lora(workdir / name, seed)) for seed, name in enumerate("ab")}
+        flags = [flag for name, path in adapters.items() for flag in ("--lora", f"{name}={path}")]
+        return prompts.assign(lora=[("a", "b")[i % 2] for i in range(rows)]), adapters, flags
+    if name == "samples":
+        return prompts, {}, list(SAMPLES_FLAGS)
+    return prompts, {}, []
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 from daskdp import config
 from daskdp.clusters.ranks import visible_gpus
+from daskdp.engine.lora import checked_adapters
 from daskdp.engine.requests import check_sampling
+from daskdp.engine.structured import run_wide_constraint
 from daskdp.errors import UserError
 from daskdp.output.read import read_manifest, read_results, read_summary
 
@@ -30,6 +32,11 @@ def generate(
     *,
     client: Client | None = None,
     config_file: str | None = None,
+    json_schema: dict | str | None = None,
+    regex: str | None = None,
+    choice: list[str] | None = None,
+    grammar: str | None = None,
+    lora: dict[str, str] | None = None,
     **sampling: Any,
 ) -> dd.DataFrame:
     """Generations for ``prompts`` as a lazy Dask DataFrame.
@@ -49,6 +56,13 @@ def generate(
         Model directory or Hugging Face name; default from configuration.
     client
         The Dask client; default: the current one.
+    json_schema, regex, choice, grammar
+        Structured output for every row (at most one): a JSON Schema (a mapping or its JSON
+        text), a regular expression, a list of strings, or a grammar. A row's own
+        ``json_schema``, ``regex``, ``choice`` or ``grammar`` column replaces it.
+    lora
+        LoRA adapters by name, ``{name: directory or URL}``, which rows name in their ``lora``
+        column (null: the base model); replaces ``lora.adapters`` of the configuration.
     **sampling
         Sampling settings: ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``,
         ``stop``, ``ignore_eos``; ``n`` (samples per prompt, one row each, with ``sample``
@@ -66,9 +80,16 @@ def generate(
     unknown = set(sampling) - SAMPLING_ARGUMENTS
     if unknown:
         raise TypeError(f"generate() got unknown sampling settings: {', '.join(sorted(unknown))}")
-    overrides = {"model": model, **{f"sampling.{k.replace('_', '-')}": v for k, v in sampling.items()}}
+    structured = {"json_schema": json_schema, "regex": regex, "choice": choice, "grammar": grammar}
+    overrides = {
+        "model": model,
+        **{f"sampling.{k.replace('_', '-')}": v for k, v in {**sampling, **structured}.items()},
+        "lora.adapters": lora,
+    }
     settings = config.load(config_file, overrides)
     check_sampling(settings["sampling"])
+    settings["sampling"] = run_wide_constraint(settings["sampling"])
+    settings["lora"] = checked_adapters(settings["lora"])
     return _lazy_results(prompts, settings, client)
 
 
@@ -141,6 +162,7 @@ def _pooled(
 
 def _lazy_results(prompts, settings: dict[str, Any], client: Client | None) -> dd.DataFrame:
     """The lazy results of the run ``settings`` describe, over ``prompts``."""
+    import dask
     import dask.dataframe as dd
     import pandas as pd
     from distributed import get_client
@@ -186,7 +208,10 @@ def _lazy_results(prompts, settings: dict[str, Any], client: Client | None) -> d
         frame = read_prompts(os.fspath(prompts), input_settings, task).frame
     elif isinstance(prompts, pd.DataFrame):
         check_columns(prompts, "the DataFrame", input_settings, task)
-        frame = dd.from_pandas(prompts, npartitions=1, sort=False)
+        # Dask's string conversion would turn chat messages, JSON Schemas and choices (lists
+        # and dicts) into their repr.
+        with dask.config.set({"dataframe.convert-string": False}):
+            frame = dd.from_pandas(prompts, npartitions=1, sort=False)
     else:
         check_columns(prompts._meta, "the DataFrame", input_settings, task)
         frame = prompts

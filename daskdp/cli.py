@@ -132,6 +132,26 @@ def parser() -> argparse.ArgumentParser:
         "--text-2-column", metavar="NAME", help="score: the second text of each pair (default: text_2)"
     )
 
+    structured = run.add_argument_group(
+        "structured output and adapters",
+        "one constraint for every row; a row's own json_schema, regex, choice or grammar column replaces it",
+    )
+    constraint = structured.add_mutually_exclusive_group()
+    constraint.add_argument(
+        "--json-schema", metavar="FILE", help="JSON Schema file the output must validate against"
+    )
+    constraint.add_argument("--regex", metavar="RE", help="regular expression the whole output must match")
+    constraint.add_argument("--choice", nargs="+", metavar="TEXT", help="the output is one of these")
+    constraint.add_argument(
+        "--grammar", metavar="FILE", help="grammar file (EBNF/GBNF or Lark) as vLLM takes it"
+    )
+    structured.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME=PATH",
+        help="a LoRA adapter rows name in their `lora` column (directory or fsspec URL); repeat for more",
+    )
+
     limits = run.add_argument_group("checkpoints and limits")
     limits.add_argument("--chunk-size", type=int, metavar="ROWS", help="rows written together (default 1024)")
     limits.add_argument(
@@ -200,6 +220,11 @@ def overrides(args: argparse.Namespace) -> dict:
         "sampling.n": args.n,
         "sampling.logprobs": args.logprobs,
         "sampling.prompt-logprobs": args.prompt_logprobs,
+        "sampling.json-schema": json_schema_file(args.json_schema),
+        "sampling.regex": args.regex,
+        "sampling.choice": args.choice,
+        "sampling.grammar": read_flag_file(args.grammar, "--grammar"),
+        "lora.adapters": lora_flags(args.lora),
         "cluster.tls-ca-file": args.tls_ca_file,
         "cluster.tls-cert": args.tls_cert,
         "cluster.tls-key": args.tls_key,
@@ -218,6 +243,38 @@ def overrides(args: argparse.Namespace) -> dict:
         "run.max-error-rate": args.max_error_rate,
         "run.timeout": args.timeout,
     }
+
+
+def read_flag_file(path: str | None, flag: str) -> str | None:
+    """The text of a flag's file (``--json-schema FILE``), checked later with the setting."""
+    if path is None:
+        return None
+    import fsspec
+
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{flag} {path} cannot be read ({e.__class__.__name__}); check the path") from None
+
+
+def json_schema_file(path: str | None) -> dict | None:
+    """The JSON Schema in ``--json-schema FILE``."""
+    text = read_flag_file(path, "--json-schema")
+    if text is None:
+        return None
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise UserError(f"--json-schema {path} is not valid JSON ({e}); give a JSON Schema file") from None
+
+
+def lora_flags(flags: list[str] | None) -> dict[str, str] | None:
+    from daskdp.engine.lora import parse_flags
+
+    return parse_flags(flags)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,6 +115,9 @@ def engine_arguments(config: dict[str, Any], gpu_host: bool) -> tuple[str, dict[
         arguments.update({key.replace("-", "_"): value for key, value in layer.items()})
     if task(config) != "generate":  # embed, classify, score: vLLM's pooling runner
         arguments["runner"] = "pooling"
+    from daskdp.engine import lora
+
+    arguments.update(lora.engine_arguments(config["lora"]))
     return str(model), arguments
 
 

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 from daskdp import config
 from daskdp.clusters import connect
 from daskdp.clusters.ranks import cluster_gpu_workers, visible_gpus
+from daskdp.engine.lora import checked_adapters
 from daskdp.engine.plugin import EnginePlugin
 from daskdp.engine.requests import GenerationRequest, check_sampling
+from daskdp.engine.structured import run_wide_constraint
 from daskdp.errors import RunError, UserError
 from daskdp.inputs.read import read_prompts
 from daskdp.logs import silenced
@@ -96,6 +98,8 @@ def run(
     task = config.task(settings)
     model, engine_args = config.engine_arguments(settings, gpu_host=bool(visible_gpus()))
     check_model(model)
+    settings["sampling"] = run_wide_constraint(settings["sampling"])
+    settings["lora"] = checked_adapters(settings["lora"])
     from daskdp.strategies import gang  # gang mode (MoE with expert parallelism)
 
     gang_mode = gang.resolve(settings["parallel"], model, engine_args)

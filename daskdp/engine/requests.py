@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from daskdp.engine.lora import adapter_order, lora_requests
+from daskdp.engine.structured import constraint_key, rejection, row_constraints, structured_outputs
 from daskdp.errors import UserError, first_line
 
 if TYPE_CHECKING:
@@ -48,6 +50,7 @@ class GenerationRequest:
     stall_timeout: float | None = None
     retries: int = 0
     progress_interval: float = 1.0
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters by name (lora.adapters)
     task: str = "generate"
     pooling: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(POOLING_KEYS))
     text_columns: tuple[str, str] = ("text_1", "text_2")  # --task score: the two texts of a pair
@@ -71,6 +74,7 @@ class GenerationRequest:
             task=limits["task"],
             pooling=settings["pooling"],
             text_columns=(settings["input"]["text-1-column"], settings["input"]["text-2-column"]),
+            adapters=dict(settings["lora"]["adapters"] or {}),
             **{
                 "chunk_rows": int(limits["chunk-size"]),
                 "chunk_timeout": limits["chunk-timeout"],
@@ -92,36 +96,49 @@ def stall_timeout(limits: dict[str, Any]) -> float | None:
 
 
 def add_requests(
-    llm: LLM, rows: pd.DataFrame, request: GenerationRequest, errors: np.ndarray
+    llm: LLM,
+    rows: pd.DataFrame,
+    request: GenerationRequest,
+    errors: np.ndarray,
+    constraints: list | None = None,
 ) -> tuple[list[int], dict[str, int]]:
     """Render and check every row, then add the good ones to the engine, one request each.
 
-    Returns each row's prompt tokens, and the rows in the engine by request id. Rows that
-    cannot be generated get their reason in ``errors``.
+    ``constraints``: the rows' structured constraints (`row_constraints`), when the caller has
+    them already. Requests are added grouped by LoRA adapter (`adapter_order`). Returns each
+    row's prompt tokens, and the rows in the engine by request id. Rows that cannot be
+    generated get their reason in ``errors``.
     """
     if request.pooled:
         return add_pooling_requests(llm, rows, request, errors)
     token_ids = _tokenize(llm, rows, request, errors)
     prompt_tokens = [len(ids) if ids is not None else 0 for ids in token_ids]
-    params = engine_params(rows, request, errors)
+    if constraints is None:
+        constraints = row_constraints(rows, request.sampling, errors)
+    params = engine_params(rows, request, errors, constraints)
+    loras = lora_requests(rows, request.adapters, errors)
     engine = llm.llm_engine
     pending = {}
-    for i in range(len(rows)):
+    for i in adapter_order(loras):
         if errors[i] is not None:
             continue
         request_id = str(next(_request_ids))
         try:
-            engine.add_request(request_id, {"prompt_token_ids": token_ids[i]}, params[i])
+            engine.add_request(
+                request_id, {"prompt_token_ids": token_ids[i]}, params[i], lora_request=loras[i]
+            )
         except Exception as e:
-            errors[i] = f"rejected by the engine: {first_line(e, 200)}"
+            errors[i] = rejection(constraints[i], e)
         else:
             pending[request_id] = i
     return prompt_tokens, pending
 
 
-def engine_params(part: pd.DataFrame, request: GenerationRequest, errors: np.ndarray) -> list:
+def engine_params(
+    part: pd.DataFrame, request: GenerationRequest, errors: np.ndarray, constraints: list | None = None
+) -> list:
     """Each row's engine parameters: for generation, one ``SamplingParams`` per row, shared
-    between rows with the same per-row overrides."""
+    between rows with the same per-row overrides and structured constraint."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -132,17 +149,20 @@ def engine_params(part: pd.DataFrame, request: GenerationRequest, errors: np.nda
     base["flat_logprobs"] = True
     overrides = [column for column in OVERRIDE_COLUMNS + SAMPLES_OVERRIDE_COLUMNS if column in part]
     values = [part[column].to_numpy(dtype=object) for column in overrides]
+    if constraints is None:
+        constraints = row_constraints(part, request.sampling, errors)
     cache: dict[tuple, Any] = {}
     params: list = [None] * len(part)
     for i in range(len(part)):
         if errors[i] is not None:
             continue
-        key = tuple(_hashable(v[i]) for v in values)
+        row = tuple(_hashable(v[i]) for v in values)
+        key = (row, constraint_key(constraints[i]))
         if key not in cache:
             try:
-                settings = {**base, **_row_overrides(overrides, key)}
+                settings = {**base, **_row_overrides(overrides, row)}
                 _check_samples(settings)
-                cache[key] = SamplingParams(**settings)
+                cache[key] = SamplingParams(**settings, structured_outputs=structured_outputs(constraints[i]))
                 cache[key].output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate asks
             except (TypeError, ValueError) as e:
                 cache[key] = f"bad sampling value: {first_line(e, 200)}"

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from daskdp.engine.requests import add_requests, scores_by_cosine
+from daskdp.engine.structured import count_valid, row_constraints
 from daskdp.output.schema import GENERATE, LOGPROB_COLUMNS, arrow_type, result_dtypes
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class Chunk:
         self.halves: dict[int, Any] = {}  # score by cosine: the first embedding of a pair
         self.dimension: int | None = None  # embed: the run's one embedding dimension
         self.labels: dict[int, str] = {}  # classify: the model's id2label
+        self.constraints: list = [None] * n  # each row's structured constraint, if any
 
     def enqueue(self, llm: LLM, request: GenerationRequest) -> int:
         """Render and check every row, then add the good ones to the engine; return the rows
@@ -57,7 +59,11 @@ class Chunk:
             self.labels = {int(k): str(v) for k, v in labels.items()}
         elif self.task == "score" and not scores_by_cosine(llm):
             self.task = "score-cross-encoder"
-        self.prompt_tokens[:], self.pending = add_requests(llm, self.rows, request, self.errors)
+        if self.task == GENERATE:
+            self.constraints = row_constraints(self.rows, request.sampling, self.errors)
+        self.prompt_tokens[:], self.pending = add_requests(
+            llm, self.rows, request, self.errors, self.constraints
+        )
         return len(self.rows) - len(set(self.pending.values()))
 
     def finish_row(self, request_id: str, output: Any) -> tuple[int, int]:
@@ -181,6 +187,11 @@ class Chunk:
         """What the manifest keeps of this chunk."""
         ids = self.rows[id_column]
         unfinished = sorted(set(self.pending.values()))
+        request = [i for i, samples in enumerate(self.samples) for _ in (samples or [None])]
+        texts = [s.text if s else None for samples in self.samples for s in (samples or [None])]
+        structured_rows, structured_valid = count_valid(
+            [self.constraints[i] for i in request], texts, self.errors[request]
+        )
         return {
             "chunk": self.number,
             "status": "",
@@ -197,6 +208,8 @@ class Chunk:
             "timed_out_ids": [str(ids.iloc[i]) for i in unfinished],
             "prefix_cache_queries": self.prefix_cache[0],
             "prefix_cache_hits": self.prefix_cache[1],
+            "structured_rows": structured_rows,
+            "structured_valid": structured_valid,
             "rank": rank,
             "worker": worker,
             "partition": partition,

@@ -53,6 +53,7 @@ def result_settings(model: str, engine_args: dict, settings: dict) -> dict[str, 
             ),
             "engine": engine_args,
             "input": settings["input"],
+            "lora": settings["lora"]["adapters"] or {},  # engine has LoRA's own engine settings
         }
     )
 

@@ -175,6 +175,9 @@ RECORD_DTYPES = {
     "timed_out_ids": "object",
     "prefix_cache_queries": "int64",
     "prefix_cache_hits": "int64",
+    # Rows generated under a JSON Schema, regex or choice, and those whose text meets it.
+    "structured_rows": "int64",
+    "structured_valid": "int64",
     "rank": "int64",
     "worker": "object",
     "partition": "int64",

@@ -65,6 +65,7 @@ def summarize(
         "output_tokens_per_second": round(output_tokens / wall, 1) if wall else 0.0,
         "prompt_tokens_per_second": round(prompt_tokens / wall, 1) if wall else 0.0,
         "prefix_cache_hit_rate": hit_rate(generated),
+        **structured_totals(finished.values()),
         "chunk_rows": layout.chunk_rows,
         "chunks": [
             {key: record[key] for key in CHUNK_SUMMARY_KEYS}
@@ -126,6 +127,20 @@ def busy_by_rank(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
             "prefix_cache_hit_rate": hit_rate(chunks),
         }
     return ranks
+
+
+def structured_totals(records) -> dict[str, Any]:
+    """Over the whole output: rows generated under a JSON Schema, regex or choice, how many of
+    their texts parse and validate (JSON), match (regex) or are one of the choices, and that
+    share (None without such rows). Summed from the chunk records, which the ranks count."""
+    records = list(records)
+    rows = sum(record.get("structured_rows", 0) for record in records)
+    valid = sum(record.get("structured_valid", 0) for record in records)
+    return {
+        "structured_rows": rows,
+        "structured_valid": valid,
+        "structured_valid_rate": round(valid / rows, 4) if rows else None,
+    }
 
 
 def hit_rate(records: list[dict[str, Any]]) -> float | None:
@@ -207,6 +222,9 @@ def summary_table(summary: dict[str, Any]) -> pd.DataFrame:
             rate: per_rank["tokens_per_second"],
         }
     ).set_axis([f"rank {rank} (busy)" for rank in per_rank.index])
+    if summary.get("structured_rows"):  # only runs with structured output have these columns
+        run["structured"] = summary["structured_rows"]
+        run["valid structured"] = summary["structured_valid"]
     table = pd.concat([pd.DataFrame([run], index=["run (wall)"]), ranks])
     counts = [column for column in run if column not in ("seconds", rate)]
     return table.astype(dict.fromkeys(counts, "Int64")).round({"seconds": 1, rate: 1})
@@ -228,6 +246,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("output_rows", summary["rows_done"]) != summary["rows_done"]:
         samples = f"{summary['output_rows']:,}"
         lines.append(f"{'output rows':<15} {samples:>12}   (a row per sample)")
+    if summary.get("structured_valid_rate") is not None:
+        valid = f"{summary['structured_valid_rate']:.1%}"
+        lines.append(f"{'valid output':<15} {valid:>12}   (structured rows whose text parses and validates)")
     ranks = table.iloc[1:]
     if len(ranks):
         lines.append(ranks.loc[:, (ranks != "").any()].to_string())
