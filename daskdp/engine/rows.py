@@ -42,6 +42,7 @@ class Chunk:
         self.prefix_cache = (0, 0)  # the engine's prefix-cache queries and hits, in tokens
         self.task = GENERATE
         self.pooled = np.full(n, None, dtype=object)  # pooling tasks: each row's vector or score
+        self.by_cosine = False  # score: pairs scored by the cosine of their two embeddings
         self.halves: dict[int, Any] = {}  # score by cosine: the first embedding of a pair
         self.dimension: int | None = None  # embed: the run's one embedding dimension
         self.labels: dict[int, str] = {}  # classify: the model's id2label
@@ -57,8 +58,8 @@ class Chunk:
         elif self.task == "classify":
             labels = getattr(llm.model_config.hf_config, "id2label", None) or {}
             self.labels = {int(k): str(v) for k, v in labels.items()}
-        elif self.task == "score" and not scores_by_cosine(llm):
-            self.task = "score-cross-encoder"
+        elif self.task == "score":
+            self.by_cosine = scores_by_cosine(llm)
         if self.task == GENERATE:
             self.constraints = row_constraints(self.rows, request.sampling, self.errors)
         self.prompt_tokens[:], self.pending = add_requests(
@@ -93,14 +94,14 @@ class Chunk:
 
     def _finish_pooled(self, i: int, output: Any) -> tuple[int, int]:
         data = output.outputs.data
-        if self.task == "score":  # by cosine, as LLM.score computes it, once both texts are in
+        if self.by_cosine:  # as LLM.score computes it, once both texts are in
             if i not in self.halves:
                 self.halves[i] = data
                 return 0, 0
             import torch.nn.functional as F
 
             data = F.cosine_similarity(self.halves.pop(i).float(), data.float(), dim=0)
-        self.pooled[i] = data.float().numpy() if self.task != "score-cross-encoder" else data.squeeze()
+        self.pooled[i] = float(data.squeeze()) if self.task == "score" else data.float().numpy()
         self.finished_at[i] = time.time()
         return 1, int(self.prompt_tokens[i])
 
@@ -117,7 +118,7 @@ class Chunk:
     def results(self, rank: int, worker: str) -> pd.DataFrame:
         """The chunk's rows with their result columns: when generating, one row per sample of each
         request, one (``sample`` null) per request without samples; when pooling, one per row."""
-        task = "score" if self.task == "score-cross-encoder" else self.task
+        task = self.task
         if task == GENERATE:
             counts = np.array([len(s) if s else 1 for s in self.samples], dtype=np.int64)
             request = np.repeat(np.arange(len(self.rows)), counts)  # each output row's request
@@ -181,7 +182,7 @@ class Chunk:
                 for p in self.pooled
             ]
             return {"probs": pd.arrays.ArrowExtensionArray(probs), "label": labels}
-        return {"score": [None if s is None else float(s) for s in self.pooled]}
+        return {"score": self.pooled}
 
     def record(self, rank: int, worker: str, partition: int, id_column: str) -> dict[str, Any]:
         """What the manifest keeps of this chunk."""
