@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 __all__ = [
     "EnginePlugin",
     "RankedLocalCluster",
+    "export",
     "generate",
     "read_manifest",
     "read_results",
@@ -20,6 +21,7 @@ __all__ = [
 _LOCATIONS = {
     "EnginePlugin": "daskdp.engine.plugin",
     "RankedLocalCluster": "daskdp.clusters.local",
+    "export": "daskdp.output.export",
     "generate": "daskdp.api",
     "read_manifest": "daskdp.api",
     "read_results": "daskdp.api",
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from daskdp.api import generate, read_manifest, read_results, read_summary
     from daskdp.clusters.local import RankedLocalCluster
     from daskdp.engine.plugin import EnginePlugin
+    from daskdp.output.export import export
     from daskdp.runner import run
 
 

@@ -101,9 +101,10 @@ def generate(
         check_columns(prompts._meta, "the DataFrame", input_settings)
         frame = prompts
     id_column = input_settings["id-column"]
+    positions = frame.assign(position=1)["position"].cumsum() - 1
+    frame = frame.assign(position=positions.astype("int64"))
     if id_column not in frame.columns:
-        positions = frame.assign(**{id_column: 1})[id_column].cumsum() - 1
-        frame = frame.assign(**{id_column: positions})
+        frame = frame.assign(**{id_column: frame["position"]})
     if not isinstance(prompts, dd.DataFrame):  # a Dask DataFrame keeps the partitions it was given
         frame = frame.repartition(npartitions=len(ranks))
     request = GenerationRequest.from_settings(settings)

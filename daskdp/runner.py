@@ -18,6 +18,7 @@ from daskdp.clusters.ranks import cluster_gpu_workers, visible_gpus
 from daskdp.engine.plugin import EnginePlugin
 from daskdp.engine.requests import GenerationRequest
 from daskdp.errors import RunError, UserError
+from daskdp.inputs import openai
 from daskdp.inputs.read import read_prompts
 from daskdp.logs import silenced
 from daskdp.output import manifest as manifests
@@ -97,7 +98,11 @@ def run(
     from daskdp.strategies import gang  # gang mode (MoE with expert parallelism)
 
     gang_mode = gang.resolve(settings["parallel"], model, engine_args)
-    prompts = read_prompts(source, settings["input"])
+    names = openai.model_names(settings["model"] or model, model, settings["served-model-name"] or [])
+    prompts = read_prompts(source, settings["input"], names)
+    cost_tokens = int(settings["sampling"]["max-tokens"])  # a row's estimated output, for balance
+    if prompts.format == openai.FORMAT:
+        settings = openai_settings(settings, prompts.input_config, overrides or {})
     output = output or default_output(source)
     with output_lock(output):
         check_output(output, resume, overwrite)
@@ -112,7 +117,7 @@ def run(
                 print(f"Dask dashboard: {client.dashboard_link}", file=progress)
             logger.info("Dask dashboard: %s", client.dashboard_link)
             # A bad input fails here, before any engine loads.
-            survey = prompts.survey(int(settings["sampling"]["max-tokens"]))
+            survey = prompts.survey(cost_tokens)
             planned = max(1, len(cluster_gpu_workers(client)))
             layout, earlier = prepare_output(
                 output,
@@ -159,6 +164,20 @@ def run(
             raise RunError(output_error(e, output), resumable=True) from None
         check_finished(summary, limits["max-error-rate"])
         return summary
+
+
+def openai_settings(settings: dict[str, Any], input_config: dict[str, Any], overrides: dict[str, Any]):
+    """The settings of a run over an OpenAI Batch file: each body sets its own sampling values,
+    and those it leaves out take vLLM's server defaults (`daskdp.inputs.openai.SAMPLING`), so
+    a sampling flag would change nothing: it is refused rather than ignored."""
+    given = [key for key, value in overrides.items() if key.startswith("sampling.") and value is not None]
+    if given:
+        flag = "--" + given[0].removeprefix("sampling.")
+        raise UserError(
+            f"{flag} does not apply to an OpenAI Batch file: each line's body sets its own "
+            f"sampling values; set {given[0].removeprefix('sampling.').replace('-', '_')} in the bodies instead"
+        )
+    return {**settings, "input": input_config, "sampling": dict(openai.SAMPLING)}
 
 
 def shut_down(client: Client, cluster: SpecCluster | None) -> None:

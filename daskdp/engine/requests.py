@@ -40,6 +40,9 @@ class GenerationRequest:
     stall_timeout: float | None = None
     retries: int = 0
     progress_interval: float = 1.0
+    # Sampling values that neither the row nor `sampling` sets come from the model's generation
+    # config, as in vLLM's OpenAI server (OpenAI Batch files, `daskdp.inputs.openai`).
+    generation_config: bool = False
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], **run: Any) -> GenerationRequest:
@@ -51,6 +54,7 @@ class GenerationRequest:
             prompt_column=settings["input"]["prompt-column"],
             messages_column=settings["input"]["messages-column"],
             id_column=settings["input"]["id-column"],
+            generation_config=settings["input"].get("format") == "openai",
             **{
                 "chunk_rows": int(limits["chunk-size"]),
                 "chunk_timeout": limits["chunk-timeout"],
@@ -81,7 +85,8 @@ def add_requests(
     """
     token_ids = _tokenize(llm, rows, request, errors)
     prompt_tokens = [len(ids) if ids is not None else 0 for ids in token_ids]
-    params = engine_params(rows, request, errors)
+    defaults = generation_defaults(llm) if request.generation_config else None
+    params = engine_params(rows, request, errors, defaults)
     engine = llm.llm_engine
     pending = {}
     for i in range(len(rows)):
@@ -97,13 +102,18 @@ def add_requests(
     return prompt_tokens, pending
 
 
-def engine_params(part: pd.DataFrame, request: GenerationRequest, errors: np.ndarray) -> list:
+def engine_params(
+    part: pd.DataFrame, request: GenerationRequest, errors: np.ndarray, defaults: dict | None = None
+) -> list:
     """Each row's engine parameters: for generation, one ``SamplingParams`` per row, shared
-    between rows with the same per-row overrides."""
+    between rows with the same per-row overrides. ``defaults`` (`generation_defaults`) go
+    over the run's sampling settings, under the rows' own."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     base = {key.replace("-", "_"): request.sampling[key] for key in SAMPLING_KEYS}
+    base.update(defaults or {})
+    cap = base.get("max_tokens") if defaults and "max_tokens" in defaults else None
     base["stop"] = list(base["stop"] or []) or None
     overrides = [column for column in OVERRIDE_COLUMNS if column in part]
     values = [part[column].to_numpy(dtype=object) for column in overrides]
@@ -115,7 +125,10 @@ def engine_params(part: pd.DataFrame, request: GenerationRequest, errors: np.nda
         key = tuple(None if is_missing(v[i]) else v[i] for v in values)
         if key not in cache:
             try:
-                cache[key] = SamplingParams(**{**base, **_row_overrides(overrides, key)})
+                settings = {**base, **_row_overrides(overrides, key)}
+                if cap is not None:  # the generation config's max_new_tokens bounds every row
+                    settings["max_tokens"] = min(settings["max_tokens"], cap)
+                cache[key] = SamplingParams(**settings)
                 cache[key].output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate asks
             except (TypeError, ValueError) as e:
                 cache[key] = f"bad sampling value: {first_line(e, 200)}"
@@ -124,6 +137,12 @@ def engine_params(part: pd.DataFrame, request: GenerationRequest, errors: np.nda
         else:
             params[i] = cache[key]
     return params
+
+
+def generation_defaults(llm: LLM) -> dict[str, Any]:
+    """The sampling values of the model's generation config (``max_new_tokens`` as
+    ``max_tokens``), as vLLM's OpenAI server takes them for fields a request leaves out."""
+    return dict(llm.llm_engine.model_config.get_diff_sampling_param())
 
 
 def _row_overrides(columns: list[str], values: tuple) -> dict[str, Any]:
@@ -155,6 +174,8 @@ def _tokenize(llm: LLM, part: pd.DataFrame, request: GenerationRequest, errors: 
     plain: dict[int, str] = {}
     chat: dict[int, str] = {}
     for i in range(len(part)):
+        if errors[i] is not None:  # found bad while reading (an OpenAI Batch line)
+            continue
         conversation = messages[i]
         if not is_missing(conversation):
             try:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from daskdp.engine.requests import add_requests
+from daskdp.inputs.openai import REQUEST_ERROR
 from daskdp.output.schema import RESULT_DTYPES
 
 if TYPE_CHECKING:
@@ -25,6 +26,9 @@ class Chunk:
         self.number, self.rows, self.attempt = number, rows, attempt
         n = len(rows)
         self.errors = np.full(n, None, dtype=object)
+        if REQUEST_ERROR in rows:  # requests the reader found bad (an OpenAI Batch line)
+            found = rows[REQUEST_ERROR].to_numpy(dtype=object)
+            self.errors[:] = np.where(pd.isna(found), None, found)
         self.texts = np.full(n, None, dtype=object)
         self.finish_reasons = np.full(n, None, dtype=object)
         self.prompt_tokens = np.zeros(n, dtype=np.int64)
@@ -65,6 +69,7 @@ class Chunk:
         """The chunk's rows with their result columns."""
         n = len(self.rows)
         columns = {
+            "position": self.rows["position"].to_numpy(),
             "generated_text": self.texts,
             "prompt_tokens": self.prompt_tokens,
             "output_tokens": self.output_tokens,
@@ -77,7 +82,7 @@ class Chunk:
             "time_to_first_token": self.first_token,
             "queue_seconds": self.queued,
         }
-        return self.rows.assign(
+        return self.rows.drop(columns=REQUEST_ERROR, errors="ignore").assign(
             **{name: pd.array(columns[name], dtype=dtype) for name, dtype in RESULT_DTYPES.items()}
         )
 

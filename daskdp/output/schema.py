@@ -29,6 +29,9 @@ DONE, TIMED_OUT, SKIPPED = "done", "timed-out", "skipped"  # chunk record status
 
 # The columns generation adds to every input row: (pandas dtype, Arrow type), one place.
 RESULT_COLUMNS = {
+    # Common to every task: the row's place in the input (from 0). Chunk files follow prefix
+    # order when prefix locality reorders rows; exports and readers restore input order by it.
+    "position": ("int64", "int64"),
     "generated_text": ("string", "string"),
     "prompt_tokens": ("Int64", "int64"),
     "output_tokens": ("Int64", "int64"),

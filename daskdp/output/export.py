@@ -1,0 +1,258 @@
+"""A run's results as the output file of an OpenAI Batch job: one line per request, in input
+order, shaped as ``python -m vllm.entrypoints.openai.run_batch`` writes them.
+
+Export streams: the chunk files are read one at a time, so the client holds one chunk and one
+bucket of lines, whatever the number of requests. Chunk files in input order (the manifest's
+``row_order`` is ``input``) are written as they come. Prefix locality puts rows sharing a
+prompt prefix together, so a chunk may hold rows from anywhere in the input: then each chunk's
+lines go to bucket files on local disk by position range (a distribution sort), and each
+bucket is sorted and written in turn. That reads every chunk once and writes every line twice,
+where merging the chunks directly would have to hold a row group of every chunk at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import posixpath
+import tempfile
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pandas as pd
+
+from daskdp.errors import UserError
+from daskdp.inputs import openai
+from daskdp.output.manifest import read_manifest
+from daskdp.output.read import chunk_files
+
+BUCKET_ROWS = 1 << 16  # lines per bucket of the distribution sort, at least
+MAX_BUCKETS = 256  # open files at once while the buckets fill
+
+COLUMNS = [
+    "position", openai.ID_COLUMN, "endpoint", "generated_text", "prompt_tokens", "output_tokens",
+    "finish_reason", "error", "finished_at",
+]  # fmt: skip
+
+
+def export(results: str, target: str, errors: str | None = None) -> dict[str, int]:
+    """Write the OpenAI Batch output of the run in ``results`` to ``target``.
+
+    Every request of the input is one line, in input order: a response with status 200, or a
+    failed request with status 400, a null body and ``error`` ``{code, message}``. With
+    ``errors``, failed requests go to that file only, as OpenAI's Batch API does.
+
+    Returns the numbers of requests and of failed ones written.
+
+    Raises
+    ------
+    UserError
+        ``results`` holds no finished run over an OpenAI Batch file.
+
+    Examples
+    --------
+    >>> daskdp.export("batch.out", "results.jsonl")  # doctest: +SKIP
+    {'requests': 2, 'errors': 0}
+    """
+    manifest = read_manifest(results)
+    if manifest is None:
+        raise UserError(f"{results} holds no daskdp run (no _manifest.json); check the path")
+    settings = manifest["settings"]
+    if settings["input"].get("format") != openai.FORMAT:
+        raise UserError(
+            f"the run in {results} did not read an OpenAI Batch file ({manifest['input']}); "
+            "export writes OpenAI Batch output: read other results with daskdp.read_results"
+        )
+    fs, files = chunk_files(results)
+    if len(files) < manifest["chunks"]:
+        raise UserError(
+            f"the run in {results} is not finished: {len(files)} of {manifest['chunks']} chunks are "
+            "written; continue it with `daskdp run ... --resume`, then export"
+        )
+    model = settings["input"]["model-names"][0]
+    namespace = uuid.UUID(manifest["input_fingerprint"][:32])
+    counts = {"requests": 0, "errors": 0}
+
+    def lines() -> Iterator[tuple[int, str, bool]]:
+        for path in files:
+            with fs.open(path, "rb") as f:
+                chunk = pd.read_parquet(f, columns=COLUMNS)
+            yield from chunk_lines(chunk, model, namespace)
+
+    ordered = lines() if manifest.get("row_order") == "input" else sorted_lines(lines(), manifest["rows"])
+    with _atomic(target) as out, _atomic(errors) if errors else contextlib.nullcontext() as failed:
+        for _, line, error in ordered:
+            counts["requests"] += 1
+            counts["errors"] += error
+            (failed if error and failed is not None else out).write(line + "\n")
+    if counts["requests"] != manifest["rows"]:  # never expected: the chunks were checked above
+        raise UserError(f"the chunks of {results} hold {counts['requests']} of {manifest['rows']} requests")
+    return counts
+
+
+def chunk_lines(chunk: pd.DataFrame, model: str, namespace: uuid.UUID) -> Iterator[tuple[int, str, bool]]:
+    """Each request of one chunk file: its position, its output line and whether it failed."""
+    chunk = chunk.sort_values("position", kind="stable")
+    for row in chunk.itertuples(index=False):
+        line = output_line(row._asdict(), model, namespace)
+        text = json.dumps(line, ensure_ascii=False, separators=(",", ":"))  # as pydantic writes it
+        yield row.position, text, line["error"] is not None
+
+
+def output_line(row: dict[str, Any], model: str, namespace: uuid.UUID) -> dict[str, Any]:
+    """One request's output line. Its ids are vLLM's shape (16 hex digits) and stay the same on
+    every export of the run."""
+    custom_id, position = row[openai.ID_COLUMN], row["position"]
+
+    def random_id(kind: str) -> str:  # as vllm.utils.random_uuid, but repeatable
+        return f"{uuid.uuid5(namespace, f'{kind}:{position}:{custom_id}').int & (2**64 - 1):016x}"
+
+    line = {"id": f"vllm-{random_id('line')}", "custom_id": custom_id}
+    request_id = f"vllm-batch-{random_id('request')}"
+    if not pd.isna(row["error"]):
+        response = {"status_code": 400, "request_id": request_id, "body": None}
+        return line | {
+            "response": response,
+            "error": {"code": error_code(row["error"]), "message": row["error"]},
+        }
+    body = response_body(row, model, random_id("body"))
+    return line | {"response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+
+
+def response_body(row: dict[str, Any], model: str, key: str) -> dict[str, Any]:
+    """The body vLLM's server answers a request with, field for field: a ``chat.completion``
+    or a ``text_completion``. ``system_fingerprint`` is null (vLLM's ``--fingerprint-mode
+    none``): its hash is of the engine's configuration, which the export does not have."""
+    prompt_tokens, completion_tokens = int(row["prompt_tokens"]), int(row["output_tokens"])
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+        "prompt_tokens_details": None,
+    }
+    created = int(row["finished_at"]) if not pd.isna(row["finished_at"]) else 0
+    text, finish_reason = row["generated_text"], row["finish_reason"]
+    head = {"created": created, "model": model}
+    tail = {"service_tier": None, "system_fingerprint": None}
+    if row["endpoint"] == "/v1/completions":
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": finish_reason,
+            "stop_reason": None,
+            "token_ids": None,
+            "prompt_logprobs": None,
+            "prompt_token_ids": None,
+            "routed_experts": None,
+        }
+        return {
+            "id": f"cmpl-{key}",
+            "object": "text_completion",
+            **head,
+            "choices": [choice],
+            **tail,
+            "usage": usage,
+            "kv_transfer_params": None,
+            "ec_transfer_params": None,
+            "metrics": None,
+        }
+    message = {
+        "role": "assistant",
+        "content": text,
+        "refusal": None,
+        "annotations": None,
+        "audio": None,
+        "function_call": None,
+        "reasoning": None,
+    }
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": None,
+        "finish_reason": finish_reason,
+        "stop_reason": None,
+        "token_ids": None,
+        "routed_experts": None,
+    }
+    return {
+        "id": f"chatcmpl-{key}",
+        "object": "chat.completion",
+        **head,
+        "choices": [choice],
+        **tail,
+        "usage": usage | {"completion_tokens_details": None},
+        "prompt_logprobs": None,
+        "prompt_token_ids": None,
+        "prompt_text": None,
+        "kv_transfer_params": None,
+        "ec_transfer_params": None,
+        "metrics": None,
+    }
+
+
+def error_code(message: str) -> str:
+    """OpenAI's code for a failed request, from daskdp's reason."""
+    if message.startswith("body.model "):
+        return "model_not_found"
+    if "not supported by daskdp" in message or " needs " in message:
+        return "unsupported_value"
+    if message.startswith("stopped by the chunk timeout"):
+        return "timeout"
+    return "invalid_request"
+
+
+def sorted_lines(lines: Iterator[tuple[int, str, bool]], rows: int) -> Iterator[tuple[int, str, bool]]:
+    """``lines`` (position, line, failed) in any order, back in position order, through bucket
+    files on local disk: each bucket holds a range of positions and is sorted in memory."""
+    width = max(BUCKET_ROWS, math.ceil(rows / MAX_BUCKETS))
+    with tempfile.TemporaryDirectory(prefix="daskdp-export-") as spill:
+        buckets = [
+            open(os.path.join(spill, f"{b:05d}"), "w+", encoding="utf-8")
+            for b in range(math.ceil(rows / width))
+        ]
+        try:
+            for position, line, failed in lines:
+                buckets[position // width].write(f"{position}\t{int(failed)}\t{line}\n")
+            for bucket in buckets:
+                bucket.seek(0)
+                held = sorted((_split(text) for text in bucket), key=lambda entry: entry[0])
+                bucket.close()
+                yield from held
+        finally:
+            for bucket in buckets:
+                bucket.close()
+
+
+def _split(text: str) -> tuple[int, str, bool]:
+    position, failed, line = text.rstrip("\n").split("\t", 2)
+    return int(position), line, failed == "1"
+
+
+class _atomic:
+    """A text file written under a hidden temporary name, renamed into place when complete."""
+
+    def __init__(self, target: str):
+        import fsspec
+
+        self.fs, self.path = fsspec.core.url_to_fs(target)
+        directory, name = posixpath.split(self.path)
+        self.temporary = posixpath.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
+
+    def __enter__(self):
+        try:
+            self.file = self.fs.open(self.temporary, "w", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot write {self.path} ({e.strerror or e}); check the path") from None
+        return self.file
+
+    def __exit__(self, kind, error, traceback):
+        self.file.close()
+        if kind is None:
+            self.fs.mv(self.temporary, self.path)
+        else:
+            self.fs.rm(self.temporary)
+        return False
