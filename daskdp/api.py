@@ -77,6 +77,7 @@ def generate(
     from daskdp.engine.loop import generate_partition
     from daskdp.engine.plugin import EnginePlugin
     from daskdp.engine.requests import GenerationRequest
+    from daskdp.inputs import openai
     from daskdp.inputs.read import check_columns, read_prompts
     from daskdp.output.schema import result_meta
     from daskdp.strategies import gang
@@ -93,7 +94,12 @@ def generate(
     )
 
     if isinstance(prompts, (str, os.PathLike)):
-        frame = read_prompts(os.fspath(prompts), input_settings).frame
+        names = openai.model_names(settings["model"] or model_path, model_path, settings["served-model-name"])
+        read = read_prompts(os.fspath(prompts), input_settings, names)
+        if read.format == openai.FORMAT:
+            settings = openai.run_settings(settings, read.input_config, overrides)
+            input_settings = settings["input"]
+        frame = read.frame
     elif isinstance(prompts, pd.DataFrame):
         check_columns(prompts, "the DataFrame", input_settings)
         frame = dd.from_pandas(prompts, npartitions=1, sort=False)

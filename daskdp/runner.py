@@ -102,7 +102,7 @@ def run(
     prompts = read_prompts(source, settings["input"], names)
     cost_tokens = int(settings["sampling"]["max-tokens"])  # a row's estimated output, for balance
     if prompts.format == openai.FORMAT:
-        settings = openai_settings(settings, prompts.input_config, overrides or {})
+        settings = openai.run_settings(settings, prompts.input_config, overrides or {})
     output = output or default_output(source)
     with output_lock(output):
         check_output(output, resume, overwrite)
@@ -164,20 +164,6 @@ def run(
             raise RunError(output_error(e, output), resumable=True) from None
         check_finished(summary, limits["max-error-rate"])
         return summary
-
-
-def openai_settings(settings: dict[str, Any], input_config: dict[str, Any], overrides: dict[str, Any]):
-    """The settings of a run over an OpenAI Batch file: each body sets its own sampling values,
-    and those it leaves out take vLLM's server defaults (`daskdp.inputs.openai.SAMPLING`), so
-    a sampling flag would change nothing: it is refused rather than ignored."""
-    given = [key for key, value in overrides.items() if key.startswith("sampling.") and value is not None]
-    if given:
-        flag = "--" + given[0].removeprefix("sampling.")
-        raise UserError(
-            f"{flag} does not apply to an OpenAI Batch file: each line's body sets its own "
-            f"sampling values; set {given[0].removeprefix('sampling.').replace('-', '_')} in the bodies instead"
-        )
-    return {**settings, "input": input_config, "sampling": dict(openai.SAMPLING)}
 
 
 def shut_down(client: Client, cluster: SpecCluster | None) -> None:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import time
+import uuid
 
+import pandas as pd
 import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
@@ -247,3 +250,52 @@ def test_a_killed_run_resumes_and_exports_every_request_once(tmp_path, cluster):
     lines = [json.loads(line) for line in exported.read_text().splitlines()]
     assert [line["custom_id"] for line in lines] == [request["custom_id"] for request in requests]
     assert all(line["response"]["status_code"] == 200 for line in lines)
+
+
+def test_samples_of_a_request_are_one_line_with_a_choice_each():
+    """Rows of one position (n > 1: the `sample` column) make one line, their choices in sample
+    order, usage summed; logprobs entries become OpenAI's shapes; the body still parses."""
+    from daskdp.output.export import chunk_lines
+
+    top = [{"token_id": 7, "token": "a", "logprob": -0.5, "rank": 1}]
+    entry = {"token_id": 7, "token": "a", "logprob": -0.5, "rank": 1, "top": top}
+    rows = pd.DataFrame(
+        {
+            "position": [1, 0, 0],
+            "custom_id": ["second", "first", "first"],
+            "endpoint": ["/v1/completions", "/v1/chat/completions", "/v1/chat/completions"],
+            "generated_text": ["x", "B", "A"],
+            "prompt_tokens": [3, 5, 5],
+            "output_tokens": [1, 2, 1],
+            "finish_reason": ["length", "stop", "length"],
+            "error": [None, None, None],
+            "finished_at": [10.0, 11.0, 12.0],
+            "sample": [0, 1, 0],
+            "logprobs": [[entry], None, [entry]],
+        }
+    )
+    lines = list(chunk_lines(rows, "tiny", uuid.UUID(int=0)))
+    assert [(position, failed) for position, _, failed in lines] == [(0, False), (1, False)]
+    chat = json.loads(lines[0][1])["response"]["body"]
+    parsed = ChatCompletion.model_validate(chat)
+    assert [c.message.content for c in parsed.choices] == ["A", "B"] and [
+        c.index for c in parsed.choices
+    ] == [0, 1]
+    assert parsed.usage.completion_tokens == 3 and parsed.usage.total_tokens == 8
+    assert parsed.choices[0].logprobs.content[0].top_logprobs[0].logprob == -0.5
+    assert parsed.choices[1].logprobs is None
+    text = Completion.model_validate(json.loads(lines[1][1])["response"]["body"])
+    assert text.choices[0].logprobs.tokens == ["a"] and text.choices[0].logprobs.top_logprobs == [{"a": -0.5}]
+
+
+def test_export_restores_input_order_through_buckets(monkeypatch):
+    """Lines in any order come back in position order across several bucket files."""
+    from daskdp.output import export
+
+    monkeypatch.setattr(export, "BUCKET_ROWS", 7)
+    positions = list(range(100))
+    random.Random(3).shuffle(positions)
+    lines = ((p, f'{{"n":{p}}}', p % 5 == 0) for p in positions)
+    assert [(p, line, failed) for p, line, failed in export.sorted_lines(lines, 100)] == [
+        (p, f'{{"n":{p}}}', p % 5 == 0) for p in range(100)
+    ]

@@ -84,6 +84,22 @@ SAMPLING = {
 }
 
 
+def run_settings(settings: dict[str, Any], input_config: dict[str, Any], overrides: dict[str, Any]):
+    """The settings of a run over an OpenAI Batch file: its input columns, and `SAMPLING` for
+    the sampling values each body leaves out. A sampling flag (in ``overrides``) would change
+    nothing, so it is refused rather than ignored."""
+    from daskdp.errors import UserError
+
+    given = [key for key, value in overrides.items() if key.startswith("sampling.") and value is not None]
+    if given:
+        name = given[0].removeprefix("sampling.")
+        raise UserError(
+            f"--{name} does not apply to an OpenAI Batch file: each line's body sets its own "
+            f"sampling values; set {name.replace('-', '_')} in the bodies instead"
+        )
+    return {**settings, "input": input_config, "sampling": dict(SAMPLING)}
+
+
 def columns() -> dict[str, str]:
     """The rows' columns and pandas types, in order."""
     fixed = {ID_COLUMN: "object", "endpoint": "object", "messages": "object", "prompt": "object"}

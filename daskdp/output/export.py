@@ -13,6 +13,7 @@ where merging the chunks directly would have to hold a row group of every chunk 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -36,6 +37,7 @@ COLUMNS = [
     "position", openai.ID_COLUMN, "endpoint", "generated_text", "prompt_tokens", "output_tokens",
     "finish_reason", "error", "finished_at",
 ]  # fmt: skip
+SAMPLE_COLUMNS = ["sample", "logprobs"]  # per-row control's columns (n, top_logprobs), when present
 
 
 def export(results: str, target: str, errors: str | None = None) -> dict[str, int]:
@@ -78,9 +80,7 @@ def export(results: str, target: str, errors: str | None = None) -> dict[str, in
 
     def lines() -> Iterator[tuple[int, str, bool]]:
         for path in files:
-            with fs.open(path, "rb") as f:
-                chunk = pd.read_parquet(f, columns=COLUMNS)
-            yield from chunk_lines(chunk, model, namespace)
+            yield from chunk_lines(read_chunk(fs, path), model, namespace)
 
     ordered = lines() if manifest.get("row_order") == "input" else sorted_lines(lines(), manifest["rows"])
     with _atomic(target) as out, _atomic(errors) if errors else contextlib.nullcontext() as failed:
@@ -93,96 +93,85 @@ def export(results: str, target: str, errors: str | None = None) -> dict[str, in
     return counts
 
 
+def read_chunk(fs, path: str) -> pd.DataFrame:
+    """The columns of one chunk file that the export needs (``sample`` and ``logprobs`` when
+    the run has them)."""
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        names = [name for name in COLUMNS + SAMPLE_COLUMNS if name in parquet.schema_arrow.names]
+        return parquet.read(columns=names).to_pandas()
+
+
 def chunk_lines(chunk: pd.DataFrame, model: str, namespace: uuid.UUID) -> Iterator[tuple[int, str, bool]]:
-    """Each request of one chunk file: its position, its output line and whether it failed."""
-    chunk = chunk.sort_values("position", kind="stable")
-    for row in chunk.itertuples(index=False):
-        line = output_line(row._asdict(), model, namespace)
+    """Each request of one chunk file: its position, its output line and whether it failed.
+    A request's samples (rows of one position, n > 1) are one line, with a choice each."""
+    order = ["position", "sample"] if "sample" in chunk else ["position"]
+    rows = chunk.sort_values(order, kind="stable").to_dict("records")
+    for position, samples in itertools.groupby(rows, key=lambda row: row["position"]):
+        line = output_line(list(samples), model, namespace)
         text = json.dumps(line, ensure_ascii=False, separators=(",", ":"))  # as pydantic writes it
-        yield row.position, text, line["error"] is not None
+        yield int(position), text, line["error"] is not None
 
 
-def output_line(row: dict[str, Any], model: str, namespace: uuid.UUID) -> dict[str, Any]:
-    """One request's output line. Its ids are vLLM's shape (16 hex digits) and stay the same on
-    every export of the run."""
-    custom_id, position = row[openai.ID_COLUMN], row["position"]
+def output_line(samples: list[dict[str, Any]], model: str, namespace: uuid.UUID) -> dict[str, Any]:
+    """One request's output line, from its rows (one per sample). Its ids are vLLM's shape
+    (16 hex digits) and stay the same on every export of the run."""
+    first = samples[0]
+    custom_id, position = first[openai.ID_COLUMN], first["position"]
 
     def random_id(kind: str) -> str:  # as vllm.utils.random_uuid, but repeatable
         return f"{uuid.uuid5(namespace, f'{kind}:{position}:{custom_id}').int & (2**64 - 1):016x}"
 
     line = {"id": f"vllm-{random_id('line')}", "custom_id": custom_id}
     request_id = f"vllm-batch-{random_id('request')}"
-    if not pd.isna(row["error"]):
+    if not pd.isna(first["error"]):  # a failed request is one row
         response = {"status_code": 400, "request_id": request_id, "body": None}
         return line | {
             "response": response,
-            "error": {"code": error_code(row["error"]), "message": row["error"]},
+            "error": {"code": error_code(first["error"]), "message": first["error"]},
         }
-    body = response_body(row, model, random_id("body"))
+    body = response_body(samples, model, random_id("body"))
     return line | {"response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
 
 
-def response_body(row: dict[str, Any], model: str, key: str) -> dict[str, Any]:
+def response_body(samples: list[dict[str, Any]], model: str, key: str) -> dict[str, Any]:
     """The body vLLM's server answers a request with, field for field: a ``chat.completion``
-    or a ``text_completion``. ``system_fingerprint`` is null (vLLM's ``--fingerprint-mode
-    none``): its hash is of the engine's configuration, which the export does not have."""
-    prompt_tokens, completion_tokens = int(row["prompt_tokens"]), int(row["output_tokens"])
+    or a ``text_completion``, with a choice per sample. ``system_fingerprint`` is null (vLLM's
+    ``--fingerprint-mode none``): its hash is of the engine's configuration, which the export
+    does not have."""
+    first = samples[0]
+    prompt_tokens = int(first["prompt_tokens"])
+    completion_tokens = sum(int(row["output_tokens"]) for row in samples)
     usage = {
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens": completion_tokens,
         "prompt_tokens_details": None,
     }
-    created = int(row["finished_at"]) if not pd.isna(row["finished_at"]) else 0
-    text, finish_reason = row["generated_text"], row["finish_reason"]
-    head = {"created": created, "model": model}
+    finished = max(row["finished_at"] for row in samples)
+    head = {"created": int(finished) if not pd.isna(finished) else 0, "model": model}
     tail = {"service_tier": None, "system_fingerprint": None}
-    if row["endpoint"] == "/v1/completions":
-        choice = {
-            "index": 0,
-            "text": text,
-            "logprobs": None,
-            "finish_reason": finish_reason,
-            "stop_reason": None,
-            "token_ids": None,
-            "prompt_logprobs": None,
-            "prompt_token_ids": None,
-            "routed_experts": None,
-        }
+    chat = first["endpoint"] != "/v1/completions"
+    choices = [choice(row, index, chat) for index, row in enumerate(samples)]
+    if not chat:
         return {
             "id": f"cmpl-{key}",
             "object": "text_completion",
             **head,
-            "choices": [choice],
+            "choices": choices,
             **tail,
             "usage": usage,
             "kv_transfer_params": None,
             "ec_transfer_params": None,
             "metrics": None,
         }
-    message = {
-        "role": "assistant",
-        "content": text,
-        "refusal": None,
-        "annotations": None,
-        "audio": None,
-        "function_call": None,
-        "reasoning": None,
-    }
-    choice = {
-        "index": 0,
-        "message": message,
-        "logprobs": None,
-        "finish_reason": finish_reason,
-        "stop_reason": None,
-        "token_ids": None,
-        "routed_experts": None,
-    }
     return {
         "id": f"chatcmpl-{key}",
         "object": "chat.completion",
         **head,
-        "choices": [choice],
+        "choices": choices,
         **tail,
         "usage": usage | {"completion_tokens_details": None},
         "prompt_logprobs": None,
@@ -192,6 +181,65 @@ def response_body(row: dict[str, Any], model: str, key: str) -> dict[str, Any]:
         "ec_transfer_params": None,
         "metrics": None,
     }
+
+
+def choice(row: dict[str, Any], index: int, chat: bool) -> dict[str, Any]:
+    """One sample as a choice of a chat.completion (``chat``) or a text_completion."""
+    logprobs = row.get("logprobs")  # a list of entries, or None (not asked for)
+    common = {"logprobs": None, "finish_reason": row["finish_reason"], "stop_reason": None, "token_ids": None}
+    if not chat:
+        if logprobs is not None:
+            common["logprobs"] = completion_logprobs(logprobs)
+        return {
+            "index": index,
+            "text": row["generated_text"],
+            **common,
+            "prompt_logprobs": None,
+            "prompt_token_ids": None,
+            "routed_experts": None,
+        }
+    message = {
+        "role": "assistant",
+        "content": row["generated_text"],
+        "refusal": None,
+        "annotations": None,
+        "audio": None,
+        "function_call": None,
+        "reasoning": None,
+    }
+    if logprobs is not None:
+        common["logprobs"] = {"content": [chat_logprob(entry) for entry in logprobs]}
+    return {"index": index, "message": message, **common, "routed_experts": None}
+
+
+def chat_logprob(entry: dict[str, Any]) -> dict[str, Any]:
+    """A ``logprobs`` entry (token, logprob, top) as a chat choice's logprobs content."""
+
+    def token(item: dict[str, Any]) -> dict[str, Any]:
+        text = str(item["token"])
+        return {"token": text, "logprob": float(item["logprob"]), "bytes": list(text.encode())}
+
+    return token(entry) | {"top_logprobs": [token(item) for item in _top(entry)]}
+
+
+def completion_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """``logprobs`` entries as a text_completion choice's logprobs."""
+    tokens = [str(entry["token"]) for entry in entries]
+    offsets = [0, *itertools.accumulate(len(token) for token in tokens)][:-1]
+    return {
+        "text_offset": offsets,
+        "token_logprobs": [float(entry["logprob"]) for entry in entries],
+        "tokens": tokens,
+        "top_logprobs": [
+            {str(item["token"]): float(item["logprob"]) for item in entry.get("top") or []}
+            for entry in entries
+        ],
+    }
+
+
+def _top(entry: dict[str, Any]) -> list:
+    top = entry.get("top")  # read from Parquet: an array, or None
+    return [] if top is None else list(top)
 
 
 def error_code(message: str) -> str:
