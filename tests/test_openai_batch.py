@@ -15,7 +15,6 @@ import random
 import signal
 import subprocess
 import time
-import uuid
 
 import pandas as pd
 import pytest
@@ -274,7 +273,7 @@ def test_samples_of_a_request_are_one_line_with_a_choice_each():
             "logprobs": [[entry], None, [entry]],
         }
     )
-    lines = list(chunk_lines(rows, "tiny", uuid.UUID(int=0)))
+    lines = list(chunk_lines(rows, "tiny", b"key"))
     assert [(position, failed) for position, _, failed in lines] == [(0, False), (1, False)]
     chat = json.loads(lines[0][1])["response"]["body"]
     parsed = ChatCompletion.model_validate(chat)

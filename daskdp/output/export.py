@@ -13,6 +13,7 @@ where merging the chunks directly would have to hold a row group of every chunk 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -37,6 +38,9 @@ COLUMNS = [
     "position", openai.ID_COLUMN, "endpoint", "generated_text", "prompt_tokens", "output_tokens",
     "finish_reason", "error", "finished_at",
 ]  # fmt: skip
+ENCODER = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), check_circular=False
+)  # as pydantic writes
 SAMPLE_COLUMNS = ["sample", "logprobs"]  # per-row control's columns (n, top_logprobs), when present
 
 
@@ -75,12 +79,12 @@ def export(results: str, target: str, errors: str | None = None) -> dict[str, in
             "written; continue it with `daskdp run ... --resume`, then export"
         )
     model = settings["input"]["model-names"][0]
-    namespace = uuid.UUID(manifest["input_fingerprint"][:32])
+    key = bytes.fromhex(manifest["input_fingerprint"])[:16]  # the ids' hash key: this input's
     counts = {"requests": 0, "errors": 0}
 
     def lines() -> Iterator[tuple[int, str, bool]]:
         for path in files:
-            yield from chunk_lines(read_chunk(fs, path), model, namespace)
+            yield from chunk_lines(read_chunk(fs, path), model, key)
 
     ordered = lines() if manifest.get("row_order") == "input" else sorted_lines(lines(), manifest["rows"])
     with _atomic(target) as out, _atomic(errors) if errors else contextlib.nullcontext() as failed:
@@ -104,35 +108,33 @@ def read_chunk(fs, path: str) -> pd.DataFrame:
         return parquet.read(columns=names).to_pandas()
 
 
-def chunk_lines(chunk: pd.DataFrame, model: str, namespace: uuid.UUID) -> Iterator[tuple[int, str, bool]]:
+def chunk_lines(chunk: pd.DataFrame, model: str, key: bytes) -> Iterator[tuple[int, str, bool]]:
     """Each request of one chunk file: its position, its output line and whether it failed.
     A request's samples (rows of one position, n > 1) are one line, with a choice each."""
     order = ["position", "sample"] if "sample" in chunk else ["position"]
     rows = chunk.sort_values(order, kind="stable").to_dict("records")
     for position, samples in itertools.groupby(rows, key=lambda row: row["position"]):
-        line = output_line(list(samples), model, namespace)
-        text = json.dumps(line, ensure_ascii=False, separators=(",", ":"))  # as pydantic writes it
-        yield int(position), text, line["error"] is not None
+        line = output_line(list(samples), model, key)
+        yield int(position), ENCODER.encode(line), line["error"] is not None
 
 
-def output_line(samples: list[dict[str, Any]], model: str, namespace: uuid.UUID) -> dict[str, Any]:
+def output_line(samples: list[dict[str, Any]], model: str, key: bytes) -> dict[str, Any]:
     """One request's output line, from its rows (one per sample). Its ids are vLLM's shape
     (16 hex digits) and stay the same on every export of the run."""
     first = samples[0]
-    custom_id, position = first[openai.ID_COLUMN], first["position"]
-
-    def random_id(kind: str) -> str:  # as vllm.utils.random_uuid, but repeatable
-        return f"{uuid.uuid5(namespace, f'{kind}:{position}:{custom_id}').int & (2**64 - 1):016x}"
-
-    line = {"id": f"vllm-{random_id('line')}", "custom_id": custom_id}
-    request_id = f"vllm-batch-{random_id('request')}"
+    custom_id = first[openai.ID_COLUMN]
+    # Three ids of 16 hex digits, as vllm.utils.random_uuid makes them, but repeatable.
+    digest = hashlib.blake2b(f"{first['position']}:{custom_id}".encode(), digest_size=24, key=key).hexdigest()
+    line_id, request_id, body_id = digest[:16], digest[16:32], digest[32:]
+    line = {"id": f"vllm-{line_id}", "custom_id": custom_id}
+    request_id = f"vllm-batch-{request_id}"
     if not pd.isna(first["error"]):  # a failed request is one row
         response = {"status_code": 400, "request_id": request_id, "body": None}
         return line | {
             "response": response,
             "error": {"code": error_code(first["error"]), "message": first["error"]},
         }
-    body = response_body(samples, model, random_id("body"))
+    body = response_body(samples, model, body_id)
     return line | {"response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
 
 
