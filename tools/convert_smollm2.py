@@ -30,6 +30,8 @@ Exit status: 0 done (or already there), 1 failed, with one line saying what fail
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -112,8 +114,9 @@ def convert(gguf_path: Path, out: Path, dtype: str = DTYPE) -> None:
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)  # nothing is random, but no initialiser may make it so
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with reading_gguf_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     out.mkdir(parents=True, exist_ok=True)
 
     source = model.config.to_dict()
@@ -157,6 +160,25 @@ def convert(gguf_path: Path, out: Path, dtype: str = DTYPE) -> None:
     target = getattr(torch, dtype)
     state = {key: value.to(target).contiguous() for key, value in sorted(state.items())}
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
+
+
+@contextlib.contextmanager
+def reading_gguf_once():
+    """Memoise gguf's reader and tensor-name map while transformers converts.
+
+    transformers parses the GGUF file three times (tokenizer, config, weights) and builds the
+    same tensor-name map once per tensor: half the conversion's time, on a newcomer's first
+    run. Both are read-only there, so one of each serves every call.
+    """
+    import gguf
+
+    originals = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=1)(gguf.GGUFReader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(gguf.get_tensor_name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = originals
 
 
 # --- the fingerprint -----------------------------------------------------------------------------
