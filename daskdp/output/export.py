@@ -38,9 +38,8 @@ COLUMNS = [
     "position", openai.ID_COLUMN, "endpoint", "generated_text", "prompt_tokens", "output_tokens",
     "finish_reason", "error", "finished_at",
 ]  # fmt: skip
-ENCODER = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), check_circular=False
-)  # as pydantic writes
+# Compact, and UTF-8 as it is: as pydantic's model_dump_json writes run_batch's lines.
+ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
 SAMPLE_COLUMNS = ["sample", "logprobs"]  # per-row control's columns (n, top_logprobs), when present
 
 
@@ -92,8 +91,11 @@ def export(results: str, target: str, errors: str | None = None) -> dict[str, in
             counts["requests"] += 1
             counts["errors"] += error
             (failed if error and failed is not None else out).write(line + "\n")
-    if counts["requests"] != manifest["rows"]:  # never expected: the chunks were checked above
-        raise UserError(f"the chunks of {results} hold {counts['requests']} of {manifest['rows']} requests")
+        if counts["requests"] != manifest["rows"]:  # a chunk file changed since it was written
+            raise UserError(
+                f"the chunk files of {results} hold {counts['requests']:,} requests, not the "
+                f"{manifest['rows']:,} of its input; resume the run to check and redo its chunks"
+            )
     return counts
 
 
