@@ -17,7 +17,7 @@ import json
 import math
 import posixpath
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -55,17 +55,24 @@ def number(value: Any) -> float:
     return float(value)
 
 
-# Body field -> (per-row column, converter). The one table: a field not here (nor in NEUTRAL)
-# makes its line an error row that names it. The first field of a column wins when a body
-# gives two (max_completion_tokens over the deprecated max_tokens, as vLLM reads them).
-FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "max_completion_tokens": ("max_tokens", positive_int),
-    "max_tokens": ("max_tokens", positive_int),
-    "temperature": ("temperature", number),
-    "seed": ("seed", integer),
+class Field(NamedTuple):
+    """Where a body field goes: its per-row column, the function that checks and converts its
+    value (ValueError: the line becomes an error row), and the column's pandas type."""
+
+    column: str
+    convert: Callable[[Any], Any]
+    dtype: str
+
+
+# Body field -> Field. The one table: a field not here (nor in NEUTRAL) makes its line an
+# error row that names it. The first field of a column wins when a body gives two
+# (max_completion_tokens over the deprecated max_tokens, as vLLM reads them).
+FIELDS = {
+    "max_completion_tokens": Field("max_tokens", positive_int, "Int64"),
+    "max_tokens": Field("max_tokens", positive_int, "Int64"),
+    "temperature": Field("temperature", number, "float64"),
+    "seed": Field("seed", integer, "Int64"),
 }
-# Columns' pandas types in the rows made here.
-COLUMN_DTYPES = {"max_tokens": "Int64", "temperature": "float64", "seed": "Int64"}
 # Fields that change nothing at these values (the OpenAI defaults), and fields that never do.
 NEUTRAL = {"stream": False, "n": 1, "logprobs": False}
 INERT = {"model", "user"}  # model: checked against the run's model names
@@ -103,7 +110,7 @@ def run_settings(settings: dict[str, Any], input_config: dict[str, Any], overrid
 def columns() -> dict[str, str]:
     """The rows' columns and pandas types, in order."""
     fixed = {ID_COLUMN: "object", "endpoint": "object", "messages": "object", "prompt": "object"}
-    table = {column: COLUMN_DTYPES[column] for column, _ in FIELDS.values()}
+    table = {field.column: field.dtype for field in FIELDS.values()}
     return {**fixed, **table, REQUEST_ERROR: "object"}
 
 
@@ -185,12 +192,12 @@ def request_values(
         if name == field or name in INERT or value is None:
             continue
         if name in FIELDS:
-            column, convert = FIELDS[name]
+            field = FIELDS[name]
             try:
-                converted = convert(value)
+                converted = field.convert(value)
             except ValueError as e:
                 raise ValueError(f"body.{name} {e}") from None
-            values.setdefault(column, converted)
+            values.setdefault(field.column, converted)
         elif name in NEUTRAL and value == NEUTRAL[name] and type(value) is type(NEUTRAL[name]):
             continue
         else:
