@@ -55,3 +55,10 @@ def test_prefix_benchmark_runs():
     lines = benchmark("prefix.py", "--rows", "300", "--prefixes", "4", "--repeats", "1")
     assert any(line.startswith("ratio b/a") for line in lines), lines
     assert any(line.startswith("hit rate") for line in lines), lines
+
+
+@pytest.mark.slow
+def test_run_batch_benchmark_runs():
+    lines = benchmark("run_batch.py", "--rows", "100", "--repeats", "1")
+    assert sum(line.startswith("ratio ") for line in lines) == 2, lines
+    assert any("answers of a and b: identical" in line for line in lines), lines
