@@ -94,7 +94,9 @@ def generate(
     )
 
     if isinstance(prompts, (str, os.PathLike)):
-        names = openai.model_names(settings["model"] or model_path, model_path, settings["served-model-name"])
+        names = openai.model_names(
+            settings["model"] or model_path, model_path, settings["served-model-name"] or []
+        )
         read = read_prompts(os.fspath(prompts), input_settings, names)
         if read.format == openai.FORMAT:
             settings = openai.run_settings(settings, read.input_config, overrides)
