@@ -35,7 +35,7 @@ def test_two_ranks_match_plain_vllm(tmp_path, oracle):
         }
     )
     frame.to_parquet(source)
-    temporary = tmp_path / "tmp"
+    temporary = tmp_path / ("job-scratch-directory-" * 5)  # as long as an HPC job's TMPDIR
     temporary.mkdir()
     done = daskdp_cli(
         "run", source, "--workers", 2, "--max-tokens", 24, "--quiet", env={"TMPDIR": str(temporary)}

@@ -13,6 +13,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +24,9 @@ from distributed.proctitle import enable_proctitle_on_children
 from daskdp.clusters.ranks import CPU_RANK_THREADS, quiet_environment, visible_gpus
 
 PRELOAD = "daskdp.clusters.forkserver_preload"
+# multiprocessing makes the forkserver's socket TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX, and an
+# AF_UNIX path holds at most 107 bytes: less than an HPC job's TMPDIR often leaves.
+SOCKET_DIRECTORY_ROOM = 107 - len("/pymp-XXXXXXXX/listener-XXXXXXXX")
 # Holders of the forkserver (clusters forking ranks from it, runs about to start one); it is
 # stopped when none is left.
 _forkserver_holders = 0
@@ -69,7 +73,11 @@ def start_forkserver() -> None:
     multiprocessing.get_context("forkserver").set_forkserver_preload([PRELOAD])
     # As a nanny does for the workers it starts: they show as `dask worker [...]` in ps and top.
     enable_proctitle_on_children()
-    with _environment({**pre_spawn, **quiet_environment(), **CPU_RANK_THREADS}), _sigint_ignored():
+    with (
+        _environment({**pre_spawn, **quiet_environment(), **CPU_RANK_THREADS}),
+        _sigint_ignored(),
+        _short_socket_directory(),
+    ):
         multiprocessing.forkserver.ensure_running()
 
 
@@ -103,6 +111,19 @@ def _sigint_ignored() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _short_socket_directory() -> Iterator[None]:
+    """Put the forkserver's socket in a short temporary directory when TMPDIR is too long for one."""
+    saved = tempfile.tempdir
+    if len(tempfile.gettempdir()) > SOCKET_DIRECTORY_ROOM:
+        short = [d for d in ("/tmp", "/var/tmp", "/dev/shm") if os.access(d, os.W_OK | os.X_OK)]
+        tempfile.tempdir = short[0] if short else saved
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
 
 
 @contextlib.contextmanager
