@@ -12,6 +12,7 @@ __all__ = [
     "RankedLocalCluster",
     "classify",
     "embed",
+    "export",
     "generate",
     "read_manifest",
     "read_results",
@@ -25,6 +26,7 @@ _LOCATIONS = {
     "RankedLocalCluster": "daskdp.clusters.local",
     "classify": "daskdp.api",
     "embed": "daskdp.api",
+    "export": "daskdp.output.export",
     "generate": "daskdp.api",
     "score": "daskdp.api",
     "read_manifest": "daskdp.api",
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from daskdp.api import classify, embed, generate, read_manifest, read_results, read_summary, score
     from daskdp.clusters.local import RankedLocalCluster
     from daskdp.engine.plugin import EnginePlugin
+    from daskdp.output.export import export
     from daskdp.runner import run
 
 

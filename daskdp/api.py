@@ -90,7 +90,7 @@ def generate(
     check_sampling(settings["sampling"])
     settings["sampling"] = run_wide_constraint(settings["sampling"])
     settings["lora"] = checked_adapters(settings["lora"])
-    return _lazy_results(prompts, settings, client)
+    return _lazy_results(prompts, settings, client, overrides)
 
 
 def embed(
@@ -157,11 +157,14 @@ def _pooled(
         "pooling.truncate-prompt-tokens": truncate_prompt_tokens,
         **{f"pooling.{key}": value for key, value in (options or {}).items()},
     }
-    return _lazy_results(texts, config.load(config_file, overrides), client)
+    return _lazy_results(texts, config.load(config_file, overrides), client, overrides)
 
 
-def _lazy_results(prompts, settings: dict[str, Any], client: Client | None) -> dd.DataFrame:
-    """The lazy results of the run ``settings`` describe, over ``prompts``."""
+def _lazy_results(
+    prompts, settings: dict[str, Any], client: Client | None, overrides: dict[str, Any]
+) -> dd.DataFrame:
+    """The lazy results of the run ``settings`` describe, over ``prompts`` (``overrides``: the
+    caller's own settings, which an OpenAI Batch file's bodies must not contradict)."""
     import dask
     import dask.dataframe as dd
     import pandas as pd
@@ -182,6 +185,7 @@ def _lazy_results(prompts, settings: dict[str, Any], client: Client | None) -> d
     from daskdp.engine.loop import generate_partition
     from daskdp.engine.plugin import EnginePlugin
     from daskdp.engine.requests import GenerationRequest
+    from daskdp.inputs import openai
     from daskdp.inputs.read import check_columns, read_prompts
     from daskdp.output.schema import result_meta
     from daskdp.strategies import gang
@@ -205,7 +209,14 @@ def _lazy_results(prompts, settings: dict[str, Any], client: Client | None) -> d
         )
 
     if isinstance(prompts, (str, os.PathLike)):
-        frame = read_prompts(os.fspath(prompts), input_settings, task).frame
+        names = openai.model_names(
+            settings["model"] or model_path, model_path, settings["served-model-name"] or []
+        )
+        read = read_prompts(os.fspath(prompts), input_settings, task, names)
+        if read.format == openai.FORMAT:
+            settings = openai.run_settings(settings, read.input_config, overrides)
+            input_settings = settings["input"]
+        frame = read.frame
     elif isinstance(prompts, pd.DataFrame):
         check_columns(prompts, "the DataFrame", input_settings, task)
         # Dask's string conversion would turn chat messages, JSON Schemas and choices (lists
@@ -216,9 +227,10 @@ def _lazy_results(prompts, settings: dict[str, Any], client: Client | None) -> d
         check_columns(prompts._meta, "the DataFrame", input_settings, task)
         frame = prompts
     id_column = input_settings["id-column"]
+    positions = frame.assign(position=1)["position"].cumsum() - 1
+    frame = frame.assign(position=positions.astype("int64"))
     if id_column not in frame.columns:
-        positions = frame.assign(**{id_column: 1})[id_column].cumsum() - 1
-        frame = frame.assign(**{id_column: positions})
+        frame = frame.assign(**{id_column: frame["position"]})
     if not isinstance(prompts, dd.DataFrame):  # a Dask DataFrame keeps the partitions it was given
         frame = frame.repartition(npartitions=len(ranks))
     request = GenerationRequest.from_settings(settings, dimension=dimension)

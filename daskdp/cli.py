@@ -17,6 +17,12 @@ examples:
   daskdp run prompts.jsonl -o results/ --workers 2 --max-tokens 64
   daskdp run 's3://bucket/prompts/*.parquet' --model meta-llama/Llama-3.1-8B-Instruct
   daskdp run prompts.parquet --scheduler-address tcp://10.0.0.5:8786
+  daskdp run batch.jsonl --export results.jsonl     # an OpenAI Batch file in, its output file out
+"""
+EXPORT_EXAMPLES = """\
+examples:
+  daskdp export batch.out results.jsonl
+  daskdp export batch.out results.jsonl --errors errors.jsonl
 """
 REPORT_EXAMPLES = """\
 examples:
@@ -82,6 +88,24 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--tls-cert", metavar="PEM", help="client certificate for a tls:// scheduler")
     where.add_argument("--tls-key", metavar="PEM", help="client private key for a tls:// scheduler")
     where.add_argument("--prompt-column", metavar="NAME", help="column holding the prompts (default: prompt)")
+
+    batch = run.add_argument_group("OpenAI Batch files")
+    batch.add_argument(
+        "--input-format",
+        choices=["parquet", "jsonl", "csv", "openai"],
+        help="the input's format (default: from its name; JSON Lines of {custom_id, url, body} "
+        "requests is an OpenAI Batch file)",
+    )
+    batch.add_argument(
+        "--served-model-name",
+        action="append",
+        metavar="NAME",
+        help="another name a body's model may give; repeat for more; the first is answered",
+    )
+    batch.add_argument(
+        "--export", metavar="FILE", help="after the run, write its OpenAI Batch output file (`daskdp export`)"
+    )
+    batch.add_argument("--errors", metavar="FILE", help="with --export: failed requests go here only")
 
     sampling = run.add_argument_group("sampling")
     sampling.add_argument("--max-tokens", type=int, metavar="N")
@@ -197,6 +221,20 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     report.add_argument("results", metavar="OUT", help="the output directory of `daskdp run`; any fsspec URL")
+
+    export = commands.add_parser(
+        "export",
+        help="write the OpenAI Batch output file of a run over an OpenAI Batch file",
+        description=(
+            "Write one line per request of the OpenAI Batch file that the run in OUT read, in "
+            "input order, shaped as vLLM's run_batch and OpenAI's Batch API write them."
+        ),
+        epilog=EXPORT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("results", metavar="OUT", help="the output directory of `daskdp run`; any fsspec URL")
+    export.add_argument("file", metavar="FILE", help="the output file (JSON Lines); any fsspec URL")
+    export.add_argument("--errors", metavar="FILE", help="failed requests go here, and not to FILE")
     return main
 
 
@@ -204,6 +242,8 @@ def overrides(args: argparse.Namespace) -> dict:
     """Configuration keys given on the command line."""
     return {
         "model": args.model,
+        "served-model-name": args.served_model_name,
+        "input.format": args.input_format,
         "input.prompt-column": args.prompt_column,
         "cluster.type": args.cluster,
         "cluster.workers": args.workers,
@@ -282,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "report":
         return report(args.results)
+    if args.command == "export":
+        return export(args.results, args.file, args.errors)
+    if args.errors and not args.export:
+        print("daskdp: error: --errors goes with --export FILE: pass both", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Dask's own INFO lines (workers starting and closing) are noise on a terminal.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
@@ -340,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"daskdp: stopped by {name} before anything was written", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     finish(summary, samples=not args.quiet)
+    if args.export:
+        return export(summary["output"], args.export, args.errors)
     return 0
 
 
@@ -420,6 +467,20 @@ def report(results: str) -> int:
         return 2
     print(format_table(summary_table(read_summary(results))))
     print(f"report in {path}")
+    return 0
+
+
+def export(results: str, file: str, errors: str | None) -> int:
+    """``daskdp export OUT FILE``: the OpenAI Batch output file of the run in OUT."""
+    from daskdp.output.export import export as export_batch
+
+    try:
+        written = export_batch(results, file, errors=errors)
+    except UserError as e:
+        print(f"daskdp: error: {e}", file=sys.stderr)
+        return 2
+    where = f"{file}" + (f" and {errors}" if errors else "")
+    print(f"exported {written['requests']:,} requests ({written['errors']:,} failed) to {where}")
     return 0
 
 

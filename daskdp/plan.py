@@ -147,8 +147,8 @@ def partition(
     """A Dask DataFrame with one partition per group of chunks, holding those chunks' rows.
 
     Chunks are cut from the rows in input order, or in the order of ``slots`` (each input
-    row's place). The index is each row's place; without an ``id_column`` the row's position
-    in the input is its id.
+    row's place). The index is each row's place; the ``position`` column is its place in the
+    input, which the output keeps; without an ``id_column`` that position is also its id.
     """
     import dask
     import dask.dataframe as dd
@@ -156,9 +156,11 @@ def partition(
 
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
     total = int(offsets[-1])
-    positioned = df.map_partitions(_add_positions, offsets, meta=df._meta.assign(row=np.int64(0)))
+    positioned = df.map_partitions(
+        _add_positions, offsets, meta=df._meta.assign(position=np.int64(0), row=np.int64(0))
+    )
     if id_column not in positioned.columns:
-        positioned = positioned.assign(**{id_column: positioned["row"]})
+        positioned = positioned.assign(**{id_column: positioned["position"]})
     bounds = [chunk * layout.chunk_rows for chunk in range(layout.chunks)] + [total - 1]
     if slots is None:
         known = [int(offsets[i]) for i, n in enumerate(lengths) if n] + [total - 1]
@@ -184,4 +186,5 @@ def _to_slots(part: pd.DataFrame, slots: np.ndarray) -> pd.DataFrame:
 
 def _add_positions(part: pd.DataFrame, offsets, partition_info=None) -> pd.DataFrame:
     start = int(offsets[partition_info["number"]])
-    return part.assign(row=np.arange(start, start + len(part), dtype=np.int64))
+    positions = np.arange(start, start + len(part), dtype=np.int64)
+    return part.assign(position=positions, row=positions)  # row: the index to be

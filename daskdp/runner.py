@@ -20,6 +20,7 @@ from daskdp.engine.plugin import EnginePlugin
 from daskdp.engine.requests import GenerationRequest, check_sampling
 from daskdp.engine.structured import run_wide_constraint
 from daskdp.errors import RunError, UserError
+from daskdp.inputs import openai
 from daskdp.inputs.read import read_prompts
 from daskdp.logs import silenced
 from daskdp.output import manifest as manifests
@@ -105,7 +106,10 @@ def run(
     gang_mode = gang.resolve(settings["parallel"], model, engine_args)
     if gang_mode is not None and task != "generate":
         raise UserError(f"--task {task} runs with one engine per rank; set parallel.mode to independent")
-    prompts = read_prompts(source, settings["input"], task)
+    names = openai.model_names(settings["model"] or model, model, settings["served-model-name"] or [])
+    prompts = read_prompts(source, settings["input"], task, names)
+    if prompts.format == openai.FORMAT:
+        settings = openai.run_settings(settings, prompts.input_config, overrides or {})
     output = output or default_output(source)
     with output_lock(output):
         check_output(output, resume, overwrite)

@@ -73,3 +73,10 @@ def test_embed_benchmark_runs():
     lines = benchmark("embed.py", "--rows", "200", "--repeats", "1")
     assert {line[:9] for line in lines if line.startswith("ratio ")} == {"ratio b/a", "ratio c/a"}, lines
     assert sum("lowest cosine to the baseline's: 1.0000" in line for line in lines) == 2, lines
+
+
+@pytest.mark.slow
+def test_run_batch_benchmark_runs():
+    lines = benchmark("run_batch.py", "--rows", "100", "--repeats", "1")
+    assert sum(line.startswith("ratio ") for line in lines) == 2, lines
+    assert any("answers of a and b: identical" in line for line in lines), lines

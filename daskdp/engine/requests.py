@@ -61,6 +61,10 @@ class GenerationRequest:
         """Whether the run pools (embed, classify, score) rather than generates."""
         return self.task != "generate"
 
+    # Sampling values that neither the row nor `sampling` sets come from the model's generation
+    # config, as in vLLM's OpenAI server (OpenAI Batch files, `daskdp.inputs.openai`).
+    generation_config: bool = False
+
     @classmethod
     def from_settings(cls, settings: dict[str, Any], **run: Any) -> GenerationRequest:
         """The request for resolved ``settings`` (`daskdp.config.load`); ``run``: this run's own
@@ -75,6 +79,7 @@ class GenerationRequest:
             pooling=settings["pooling"],
             text_columns=(settings["input"]["text-1-column"], settings["input"]["text-2-column"]),
             adapters=dict(settings["lora"]["adapters"] or {}),
+            generation_config=settings["input"].get("format") == "openai",
             **{
                 "chunk_rows": int(limits["chunk-size"]),
                 "chunk_timeout": limits["chunk-timeout"],
@@ -115,7 +120,8 @@ def add_requests(
     prompt_tokens = [len(ids) if ids is not None else 0 for ids in token_ids]
     if constraints is None:
         constraints = row_constraints(rows, request.sampling, errors)
-    params = engine_params(rows, request, errors, constraints)
+    defaults = generation_defaults(llm) if request.generation_config else None
+    params = engine_params(rows, request, errors, constraints, defaults)
     loras = lora_requests(rows, request.adapters, errors)
     engine = llm.llm_engine
     pending = {}
@@ -135,14 +141,21 @@ def add_requests(
 
 
 def engine_params(
-    part: pd.DataFrame, request: GenerationRequest, errors: np.ndarray, constraints: list | None = None
+    part: pd.DataFrame,
+    request: GenerationRequest,
+    errors: np.ndarray,
+    constraints: list | None = None,
+    defaults: dict | None = None,
 ) -> list:
     """Each row's engine parameters: for generation, one ``SamplingParams`` per row, shared
-    between rows with the same per-row overrides and structured constraint."""
+    between rows with the same per-row overrides and structured constraint. ``defaults``
+    (`generation_defaults`) go over the run's sampling settings, under the rows' own."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     base = {key.replace("-", "_"): request.sampling.get(key) for key in SAMPLING_KEYS + SAMPLES_KEYS}
+    base.update(defaults or {})
+    cap = base.get("max_tokens") if defaults and "max_tokens" in defaults else None
     base["stop"] = list(base["stop"] or []) or None
     base["n"] = int(base["n"] or 1)
     # Logprobs as flat lists rather than a dict per token: far fewer objects for `rows` to read.
@@ -161,6 +174,8 @@ def engine_params(
         if key not in cache:
             try:
                 settings = {**base, **_row_overrides(overrides, row)}
+                if cap is not None:  # the generation config's max_new_tokens bounds every row
+                    settings["max_tokens"] = min(settings["max_tokens"], cap)
                 _check_samples(settings)
                 cache[key] = SamplingParams(**settings, structured_outputs=structured_outputs(constraints[i]))
                 cache[key].output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate asks
@@ -178,6 +193,12 @@ def _hashable(value: Any) -> Any:
     if isinstance(value, (list, tuple, np.ndarray)):
         return tuple(value)
     return None if is_missing(value) else value
+
+
+def generation_defaults(llm: LLM) -> dict[str, Any]:
+    """The sampling values of the model's generation config (``max_new_tokens`` as
+    ``max_tokens``), as vLLM's OpenAI server takes them for fields a request leaves out."""
+    return dict(llm.llm_engine.model_config.get_diff_sampling_param())
 
 
 def _row_overrides(columns: list[str], values: tuple) -> dict[str, Any]:
@@ -250,6 +271,8 @@ def _tokenize(llm: LLM, part: pd.DataFrame, request: GenerationRequest, errors: 
     plain: dict[int, str] = {}
     chat: dict[int, str] = {}
     for i in range(len(part)):
+        if errors[i] is not None:  # found bad while reading (an OpenAI Batch line)
+            continue
         conversation = messages[i]
         if not is_missing(conversation):
             try:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from daskdp.engine.requests import add_requests, scores_by_cosine
 from daskdp.engine.structured import count_valid, row_constraints
+from daskdp.inputs.openai import REQUEST_ERROR
 from daskdp.output.schema import GENERATE, LOGPROB_COLUMNS, arrow_type, result_dtypes
 
 if TYPE_CHECKING:
@@ -32,6 +33,9 @@ class Chunk:
         self.errors = np.full(n, None, dtype=object)
         self.samples = np.full(n, None, dtype=object)  # per request: its list of `Sample`
         self.prompt_logprobs = np.full(n, None, dtype=object)  # per request: `Logprobs` or None
+        if REQUEST_ERROR in rows:  # requests the reader found bad (an OpenAI Batch line)
+            found = rows[REQUEST_ERROR].to_numpy(dtype=object)
+            self.errors[:] = np.where(pd.isna(found), None, found)
         self.prompt_tokens = np.zeros(n, dtype=np.int64)
         self.finished_at = np.full(n, np.nan)
         self.first_token = np.full(n, np.nan)
@@ -126,6 +130,7 @@ class Chunk:
             request = np.arange(len(self.rows))
         n = len(request)
         columns = {
+            "position": self.rows["position"].to_numpy()[request],
             "prompt_tokens": self.prompt_tokens[request],
             "rank": np.full(n, rank),
             "worker": np.full(n, worker, dtype=object),
@@ -138,7 +143,7 @@ class Chunk:
         else:
             columns |= self._pooled_columns()
         rows = self.rows if n == len(self.rows) else self.rows.iloc[request]
-        return rows.assign(
+        return rows.drop(columns=REQUEST_ERROR, errors="ignore").assign(
             **{
                 name: result_array(name, columns[name], dtype)
                 for name, dtype in result_dtypes(task, self.dimension).items()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -12,12 +13,20 @@ import numpy as np
 import pandas as pd
 
 from daskdp.errors import UserError, exception_chain, first_line
+from daskdp.inputs import openai
 from daskdp.inputs.formats import COMPRESSIONS, input_format
 from daskdp.inputs.survey import SURVEY_META, Survey, survey_partition
 from daskdp.output.schema import result_columns
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
+
+FORMAT_NAMES = {
+    "parquet": "Parquet",
+    "jsonl": "JSON Lines",
+    "csv": "CSV",
+    openai.FORMAT: "an OpenAI Batch file",
+}
 
 
 @dataclass
@@ -73,6 +82,11 @@ class Prompts:
         nulls = np.concatenate(
             [start + rows for start, rows in zip(starts, surveyed["null_ids"], strict=True)]
         )
+        if len(nulls) and self.format == openai.FORMAT:
+            raise UserError(
+                f"request {nulls[0] + 1} of {self.source} (counted from 1) has no custom_id; "
+                "every line of an OpenAI Batch file needs its own"
+            )
         if len(nulls):
             shown = ", ".join(map(str, nulls[:5])) + (
                 f" and {len(nulls) - 5:,} more" if len(nulls) > 5 else ""
@@ -88,6 +102,14 @@ class Prompts:
             rows = np.flatnonzero(hashes == repeated)
             value = self.row(int(rows[0]), id_column, starts)
             more = len(first[counts > 1]) - 1
+            if self.format == openai.FORMAT:
+                raise UserError(
+                    f"custom_id {value!r} appears more than once in {self.source}, in requests "
+                    + ", ".join(str(row + 1) for row in rows[:5])
+                    + " (counted from 1)"
+                    + (f"; {more:,} other custom_ids repeat too" if more else "")
+                    + "; an OpenAI Batch file needs a unique custom_id on every line"
+                )
             raise UserError(
                 f"column '{id_column}' of {self.source} repeats the id {value!r} in rows "
                 + ", ".join(map(str, rows[:5]))
@@ -102,11 +124,17 @@ class Prompts:
         return values.iloc[position - int(starts[partition])]
 
 
-def read_prompts(source: str, input_config: dict[str, Any], task: str = "generate") -> Prompts:
-    """Read prompts lazily from Parquet, JSON Lines or CSV (a path, directory, glob or URL).
+def read_prompts(
+    source: str, input_config: dict[str, Any], task: str = "generate", model_names: Sequence[str] = ()
+) -> Prompts:
+    """Read prompts lazily from Parquet, JSON Lines, CSV or an OpenAI Batch file (a path,
+    directory, glob or URL), for ``task``.
 
     Only the schema is read here; it is checked for a prompt or messages column that can
-    hold text. Rows are read on the workers.
+    hold text. Rows are read on the workers. The format is ``input.format``, else told from
+    the name, and JSON Lines whose first line is a request ``{custom_id, url, body}`` is an
+    OpenAI Batch file: its rows take their columns from `daskdp.inputs.openai`, and their
+    ``body.model`` must be one of ``model_names``.
     """
     import dask
     import fsspec
@@ -116,7 +144,20 @@ def read_prompts(source: str, input_config: dict[str, Any], task: str = "generat
     if not matches:
         raise UserError(f"input {source} does not exist; check the path")
     is_dir = len(matches) == 1 and fs.isdir(matches[0])
-    fmt = input_format(source, is_dir)
+    fmt = input_config.get("format") or input_format(source, is_dir)
+    if fmt not in FORMAT_NAMES:
+        raise UserError(f"input.format must be one of {', '.join(FORMAT_NAMES)}, got {fmt!r}")
+    if fmt == "jsonl" and not input_config.get("format") and openai.looks_like_batch(source):
+        fmt = openai.FORMAT
+    if fmt == openai.FORMAT:
+        input_config = {
+            **input_config,
+            "format": openai.FORMAT,
+            "prompt-column": "prompt",
+            "messages-column": "messages",
+            "id-column": openai.ID_COLUMN,
+            "model-names": list(model_names),
+        }
     try:
         # Dask's string conversion would turn chat messages (lists of dicts) into their repr.
         with dask.config.set({"dataframe.convert-string": False}):
@@ -149,6 +190,9 @@ def _read(source: str, fmt: str, input_config: dict[str, Any]) -> dd.DataFrame:
 
     if fmt == "parquet":
         return dd.read_parquet(source)
+    if fmt == openai.FORMAT:
+        batch = _read(source, "jsonl", input_config)
+        return batch.map_partitions(openai.to_rows, input_config["model-names"], meta=openai.meta())
     if fmt == "jsonl":
         compressed = posixpath.splitext(source)[1].lower() in COMPRESSIONS
         blocksize = None if compressed else 2**26
@@ -167,8 +211,8 @@ def unreadable(source: str, fmt: str, error: BaseException) -> str:
     error = exception_chain(error, context=False)[-1]  # Dask wraps the reader's own error
     found = None
     try:
-        if fmt == "jsonl":
-            found = first_bad_json_line(source)
+        if fmt in ("jsonl", openai.FORMAT):
+            found = first_bad_json_line(source, FORMAT_NAMES[fmt])
         elif fmt == "parquet" and ("Wrapping" in str(error) or isinstance(error, UnicodeDecodeError)):
             found = first_invalid_utf8(source)
     except Exception:  # the diagnosis is a courtesy: the reader's own reason still stands
@@ -176,8 +220,7 @@ def unreadable(source: str, fmt: str, error: BaseException) -> str:
     if found:
         return found
     reason = first_line(error)
-    names = {"parquet": "Parquet", "jsonl": "JSON Lines", "csv": "CSV"}
-    return f"cannot read {source} as {names[fmt]} ({reason[:200]}); check that the file is what its name says"
+    return f"cannot read {source} as {FORMAT_NAMES[fmt]} ({reason[:200]}); check that the file is what its name says"
 
 
 def _files(source: str) -> list[tuple[Any, str]]:
@@ -191,8 +234,9 @@ def _files(source: str) -> list[tuple[Any, str]]:
     return files
 
 
-def first_bad_json_line(source: str) -> str | None:
-    """The first line of the JSON Lines input ``source`` that is not a JSON object, in words."""
+def first_bad_json_line(source: str, name: str = "JSON Lines") -> str | None:
+    """The first line of the JSON Lines input ``source`` that is not a JSON object, in words;
+    ``name``: the format's, for the message."""
     import fsspec
 
     for fs, path in _files(source):
@@ -203,12 +247,12 @@ def first_bad_json_line(source: str) -> str | None:
                 try:
                     row = json.loads(line)
                 except UnicodeDecodeError:
-                    return f"cannot read {path} as JSON Lines: line {number} is not valid UTF-8; fix or remove it"
+                    return f"cannot read {path} as {name}: line {number} is not valid UTF-8; fix or remove it"
                 except ValueError as e:
-                    return f"cannot read {path} as JSON Lines: line {number} is not valid JSON ({e}); fix or remove it"
+                    return f"cannot read {path} as {name}: line {number} is not valid JSON ({e}); fix or remove it"
                 if not isinstance(row, dict):
                     return (
-                        f"cannot read {path} as JSON Lines: line {number} is a JSON {type(row).__name__}, "
+                        f"cannot read {path} as {name}: line {number} is a JSON {type(row).__name__}, "
                         'not an object {"prompt": ...}; fix or remove it'
                     )
     return None

@@ -33,6 +33,9 @@ DONE, TIMED_OUT, SKIPPED = "done", "timed-out", "skipped"  # chunk record status
 # Every task's rows carry the common columns; each task adds its own block. An Arrow type is an
 # alias (`pyarrow.type_for_alias`) or one of the nested types named in `NESTED_TYPES`.
 COMMON_COLUMNS = {
+    # The row's place in the input (from 0). Chunk files follow prefix order when prefix
+    # locality reorders rows; exports and readers restore input order by it.
+    "position": ("int64", "int64"),
     "prompt_tokens": ("Int64", "int64"),
     "rank": ("Int64", "int64"),
     "worker": ("string", "string"),
@@ -64,6 +67,7 @@ POOLING_COLUMNS = {
 GENERATE, TASKS = "generate", ("generate", *POOLING_COLUMNS)
 # Where the common columns go among generation's own, as generation has always written them.
 _GENERATION_ORDER = [
+    "position",
     "generated_text",
     "prompt_tokens",
     "output_tokens",
