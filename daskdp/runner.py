@@ -108,6 +108,9 @@ def run(
         raise UserError(f"--task {task} runs with one engine per rank; set parallel.mode to independent")
     names = openai.model_names(settings["model"] or model, model, settings["served-model-name"] or [])
     prompts = read_prompts(source, settings["input"], task, names)
+    # A row's estimated output, for balance: the run's max-tokens (an OpenAI Batch file's bodies
+    # may leave it to the model's context, below), none when pooling.
+    cost_tokens = int(settings["sampling"]["max-tokens"]) if task == "generate" else 0
     if prompts.format == openai.FORMAT:
         settings = openai.run_settings(settings, prompts.input_config, overrides or {})
     output = output or default_output(source)
@@ -124,10 +127,7 @@ def run(
                 print(f"Dask dashboard: {client.dashboard_link}", file=progress)
             logger.info("Dask dashboard: %s", client.dashboard_link)
             # A bad input fails here, before any engine loads.
-            survey = prompts.survey(
-                int(settings["sampling"]["max-tokens"]) if task == "generate" else 0,
-                settings["sampling"]["n"],
-            )
+            survey = prompts.survey(cost_tokens, settings["sampling"]["n"] or 1)
             planned = max(1, len(cluster_gpu_workers(client)))
             layout, earlier = prepare_output(
                 output,

@@ -88,6 +88,13 @@ SAMPLING = {
     "seed": None,
     "stop": [],
     "ignore-eos": False,
+    "n": 1,
+    "logprobs": None,
+    "prompt-logprobs": None,
+    "json-schema": None,
+    "regex": None,
+    "choice": None,
+    "grammar": None,
 }
 
 
