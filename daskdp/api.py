@@ -170,6 +170,9 @@ def _lazy_results(
     import pandas as pd
     from distributed import get_client
 
+    from daskdp.inputs import openai
+
+    settings["run"]["task"] = openai.batch_task(prompts, settings, overrides)
     task = config.task(settings)
     input_settings = settings["input"]
     if client is None:
@@ -185,7 +188,6 @@ def _lazy_results(
     from daskdp.engine.loop import generate_partition
     from daskdp.engine.plugin import EnginePlugin
     from daskdp.engine.requests import GenerationRequest
-    from daskdp.inputs import openai
     from daskdp.inputs.read import check_columns, read_prompts
     from daskdp.output.schema import result_meta
     from daskdp.strategies import gang

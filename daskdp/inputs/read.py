@@ -155,8 +155,11 @@ def read_prompts(
             "format": openai.FORMAT,
             "prompt-column": "prompt",
             "messages-column": "messages",
+            "text-1-column": "text_1",
+            "text-2-column": "text_2",
             "id-column": openai.ID_COLUMN,
             "model-names": list(model_names),
+            "task": task,
         }
     try:
         # Dask's string conversion would turn chat messages (lists of dicts) into their repr.
@@ -192,7 +195,9 @@ def _read(source: str, fmt: str, input_config: dict[str, Any]) -> dd.DataFrame:
         return dd.read_parquet(source)
     if fmt == openai.FORMAT:
         batch = _read(source, "jsonl", input_config)
-        return batch.map_partitions(openai.to_rows, input_config["model-names"], meta=openai.meta())
+        return batch.map_partitions(
+            openai.to_rows, input_config["model-names"], input_config["task"], meta=openai.meta()
+        )
     if fmt == "jsonl":
         compressed = posixpath.splitext(source)[1].lower() in COMPRESSIONS
         blocksize = None if compressed else 2**26
