@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 
+import jsonschema
 import pandas as pd
 import pytest
 from openai.types import Completion
@@ -61,6 +62,18 @@ BAD = {
 }
 
 
+# Requests with per-row control: n samples with logprobs, a response_format JSON Schema (one
+# that the tiny model ends well within its tokens: objects it fills with whitespace), a choice.
+SAMPLES = chat("samples", CHATS[2], n=2, temperature=0.8, seed=7, logprobs=True, top_logprobs=2)
+SCHEMA = {"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 2}
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "flags", "schema": SCHEMA}}
+CONTROLLED = [
+    SAMPLES,
+    chat("schema", CHATS[3], max_completion_tokens=24, response_format=SCHEMA_FORMAT),
+    chat("choice", CHATS[4], structured_outputs={"choice": ["yes", "no", "maybe"]}),
+]
+
+
 def batch_lines() -> list[dict]:
     """Good requests with bad ones among them, in an order the test checks on export."""
     lines = [chat(f"request-{i + 1}", messages) for i, messages in enumerate(CHATS)]
@@ -74,7 +87,7 @@ def batch_lines() -> list[dict]:
                      "body": {"model": "tiny"}})  # fmt: skip
     lines.insert(9, chat("get", CHATS[0]) | {"method": "GET"})
     lines += [completion(f"text-{i}", prompt) for i, prompt in enumerate(PROMPTS)]
-    return lines
+    return lines + CONTROLLED
 
 
 def write_lines(path, lines) -> None:
@@ -110,7 +123,7 @@ def test_batch_file_answers_as_plain_vllm_in_input_order(batch_run, oracle):
     source, output, exported, done = batch_run
     lines = [json.loads(line) for line in exported.read_text().splitlines()]
     assert [line["custom_id"] for line in lines] == [line["custom_id"] for line in batch_lines()]
-    assert "exported 23 requests (5 failed)" in done.stdout
+    assert "exported 26 requests (5 failed)" in done.stdout
     assert read_results(output)["position"].tolist() != list(range(len(lines)))  # prefix order on disk
 
     answers = {line["custom_id"]: line for line in lines if line["error"] is None}
@@ -138,7 +151,48 @@ def test_batch_file_answers_as_plain_vllm_in_input_order(batch_run, oracle):
             parsed = ChatCompletion.model_validate(body)
             assert parsed.object == "chat.completion" and parsed.choices[0].message.content == text
         assert parsed.choices[0].finish_reason == ("length" if completion_tokens == TOKENS else "stop")
-    assert len(answers) == len(ids)
+    assert len(answers) == len(ids) + len(CONTROLLED)
+
+
+def test_n_samples_with_logprobs_are_one_line_with_a_choice_each(batch_run):
+    """n 2 at temperature 0.8 with a seed and logprobs (top 2): one line, two choices that parse
+    as the openai package's ChatCompletion, each with a logprob per token and its top 2."""
+    _, _, exported, _ = batch_run
+    line = next(json.loads(x) for x in exported.read_text().splitlines() if '"custom_id":"samples"' in x)
+    parsed = ChatCompletion.model_validate(line["response"]["body"])
+    assert [c.index for c in parsed.choices] == [0, 1]
+    assert parsed.choices[0].message.content != parsed.choices[1].message.content  # sampled, not greedy
+    for c in parsed.choices:
+        content = c.logprobs.content
+        assert 0 < len(content) <= TOKENS
+        for token in content:
+            assert len(token.top_logprobs) == 2 and token.logprob <= 0
+            assert token.bytes == list(token.token.encode())
+            # vLLM's server lists the sampled token first, then the likeliest others
+            assert (token.top_logprobs[0].token, token.top_logprobs[0].logprob) == (
+                token.token,
+                token.logprob,
+            )
+    assert parsed.usage.completion_tokens == sum(len(c.logprobs.content) for c in parsed.choices)
+
+
+def test_structured_output_fields_constrain_the_answer(batch_run):
+    """response_format json_schema: the content parses and validates; structured_outputs
+    choice: the content is one of the choices."""
+    _, _, exported, _ = batch_run
+    bodies = {
+        line["custom_id"]: line["response"]["body"]
+        for line in map(json.loads, exported.read_text().splitlines())
+        if line["custom_id"] in ("schema", "choice")
+    }
+    answer = ChatCompletion.model_validate(bodies["schema"]).choices[0]
+    assert answer.finish_reason == "stop"
+    jsonschema.validate(json.loads(answer.message.content), SCHEMA)
+    assert ChatCompletion.model_validate(bodies["choice"]).choices[0].message.content in (
+        "yes",
+        "no",
+        "maybe",
+    )
 
 
 def test_bad_requests_are_error_lines_naming_the_field(batch_run):
@@ -176,7 +230,9 @@ def test_export_again_with_errors_in_their_own_file(batch_run, tmp_path):
 def test_parquet_output_keeps_custom_id_endpoint_and_position(batch_run):
     """The chunk files keep each request's custom_id, endpoint and input position."""
     _, output, _, _ = batch_run
-    results = read_results(output).sort_values("position")
+    results = read_results(output).sort_values(["position", "sample"])
+    assert results["custom_id"].value_counts()["samples"] == 2  # n 2: a row per sample
+    results = results.drop_duplicates("position")
     lines = batch_lines()
     assert results["position"].tolist() == list(range(len(lines)))
     assert results["custom_id"].tolist() == [line["custom_id"] for line in lines]
