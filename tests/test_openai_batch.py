@@ -14,15 +14,17 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import jsonschema
+import numpy as np
 import pandas as pd
 import pytest
-from openai.types import Completion
+from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
-from conftest import DASKDP, daskdp_cli, error_line, plain_vllm, read_results
+from conftest import DASKDP, TINY_ENGINE, TINY_MODEL, daskdp_cli, error_line, plain_vllm, read_results
 
 TOKENS = 12
 # Half the requests share a long system prompt: prefix locality reorders them, so the chunk
@@ -354,3 +356,119 @@ def test_export_restores_input_order_through_buckets(monkeypatch):
     assert [(p, line, failed) for p, line, failed in export.sorted_lines(lines, 100)] == [
         (p, f'{{"n":{p}}}', p % 5 == 0) for p in range(100)
     ]
+
+
+# Pooling endpoints, on the packaged tiny Llama as the embedding model (docs/pooling.md): one
+# file of embeddings (its task read from its lines), one of scores and reranks.
+TEXTS = [
+    f"Sentence {i}: the {['river', 'moon', 'bread'][i % 3]} is {i * 7 % 13} times calm." for i in range(6)
+]
+POOLING_ORACLE = r"""
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from vllm import LLM
+spec = json.load(sys.stdin)
+llm = LLM(model=spec["model"], runner="pooling", **spec["engine"])
+embed = [o.outputs.embedding for o in llm.embed(spec["texts"], use_tqdm=False)]
+score = [o.outputs.score for o in llm.score(spec["texts"][0], spec["texts"][1:], use_tqdm=False)]
+print("ORACLE" + json.dumps({"embed": embed, "score": score}))
+"""
+
+
+def request(custom_id, url, **body):
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": {"model": "tiny", **body}}
+
+
+EMBEDDINGS = [
+    request("one", "/v1/embeddings", input=TEXTS[0]),
+    request("chat", "/v1/chat/completions", messages=CHATS[0]),  # needs the generating engine
+    request("list", "/v1/embeddings", input=TEXTS[1:4], encoding_format="float"),
+    request("dims", "/v1/embeddings", input=TEXTS[0], dimensions=8),
+    request("last", "/v1/embeddings", input=[TEXTS[4]]),
+]
+SCORES = [
+    request("pairs", "/v1/score", text_1=TEXTS[0], text_2=TEXTS[1:3]),  # 1:N
+    request("pair", "/v1/score", text_1=TEXTS[0], text_2=TEXTS[5]),
+    request("rerank", "/v1/rerank", query=TEXTS[0], documents=TEXTS[1:6], top_n=3),
+]
+
+
+@pytest.fixture(scope="module")
+def pooling_runs(tmp_path_factory, cluster):
+    """Both files through `daskdp run --export` on the warm cluster, with no --task: each is
+    read from the files' endpoints. Plain vLLM answers meanwhile, in one subprocess."""
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    oracle = subprocess.Popen(
+        [sys.executable, "-c", POOLING_ORACLE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    oracle.stdin.write(json.dumps({"model": str(TINY_MODEL), "engine": TINY_ENGINE, "texts": TEXTS}))
+    oracle.stdin.close()
+    oracle.stdin = None
+    _, client = cluster
+    folder = tmp_path_factory.mktemp("pooling")
+    exported = {}
+    for name, lines in (("embeddings", EMBEDDINGS), ("scores", SCORES)):
+        source, exported[name] = folder / f"{name}.jsonl", folder / f"{name}.results.jsonl"
+        write_lines(source, lines)
+        done = daskdp_cli(
+            "run", source, "--scheduler-address", client.scheduler.address, "--export", exported[name],
+            "--quiet",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    stdout, stderr = oracle.communicate(timeout=600)
+    assert oracle.returncode == 0, stderr[-3000:]
+    plain = json.loads(next(line for line in stdout.splitlines() if line.startswith("ORACLE"))[6:])
+    lines = {
+        name: {line["custom_id"]: line for line in map(json.loads, path.read_text().splitlines())}
+        for name, path in exported.items()
+    }
+    return lines, plain, exported
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_embeddings_are_one_response_per_request_as_plain_vllm(pooling_runs):
+    """A string input and a list input (a row per element inside daskdp) each give one line,
+    in input order, that parses as the openai package's CreateEmbeddingResponse, with plain
+    LLM.embed's vectors; the chat line and an unsupported field are error lines."""
+    lines, plain, exported = pooling_runs
+    embeddings = lines["embeddings"]
+    assert list(embeddings) == [line["custom_id"] for line in EMBEDDINGS]
+    wanted = {"one": [0], "list": [1, 2, 3], "last": [4]}
+    for custom_id, texts in wanted.items():
+        body = embeddings[custom_id]["response"]["body"]
+        parsed = CreateEmbeddingResponse.model_validate(body)
+        assert body["id"].startswith("embd-") and parsed.model == "tiny" and parsed.object == "list"
+        assert [d.index for d in parsed.data] == list(range(len(texts)))
+        for data, text in zip(parsed.data, texts, strict=True):
+            assert cosine(data.embedding, plain["embed"][text]) >= 0.99999
+        assert parsed.usage.prompt_tokens == parsed.usage.total_tokens > 0
+    chat, dims = embeddings["chat"], embeddings["dims"]
+    assert chat["response"]["status_code"] == 400 and chat["error"]["code"] == "unsupported_value"
+    assert "/v1/chat/completions needs a generating engine (--task generate)" in chat["error"]["message"]
+    assert dims["error"]["message"].startswith("body.dimensions is not supported by daskdp")
+
+
+def test_score_and_rerank_are_plain_vllm_scores(pooling_runs):
+    """/v1/score (1:N pairs, and one pair) and /v1/rerank (results by relevance, the top 3),
+    shaped as vLLM's server writes them, with plain LLM.score's scores."""
+    lines, plain, _ = pooling_runs
+    scores = lines["scores"]
+    assert list(scores) == [line["custom_id"] for line in SCORES]
+    pairs = scores["pairs"]["response"]["body"]
+    assert pairs["object"] == "list" and pairs["id"].startswith("score-")
+    assert [d["index"] for d in pairs["data"]] == [0, 1] and {d["object"] for d in pairs["data"]} == {"score"}
+    assert np.allclose([d["score"] for d in pairs["data"]], plain["score"][:2], rtol=1e-5, atol=1e-6)
+    assert np.isclose(scores["pair"]["response"]["body"]["data"][0]["score"], plain["score"][4], atol=1e-6)
+    rerank = scores["rerank"]["response"]["body"]
+    assert set(rerank) == {"id", "model", "usage", "results"}
+    order = np.argsort(-np.asarray(plain["score"]), kind="stable")[:3]
+    assert [r["index"] for r in rerank["results"]] == order.tolist()
+    assert [r["document"]["text"] for r in rerank["results"]] == [TEXTS[1 + i] for i in order]
+    assert np.allclose(
+        [r["relevance_score"] for r in rerank["results"]], np.asarray(plain["score"])[order], atol=1e-6
+    )
