@@ -266,6 +266,19 @@ def test_a_repeated_custom_id_refuses_the_file(tmp_path, cluster):
     assert not (tmp_path / "batch.out").exists()
 
 
+def test_a_custom_id_repeated_by_a_list_input_refuses_the_file(tmp_path, cluster):
+    """A list input's rows have ids of their own: the first one's is still the custom_id, so a
+    line repeating it is found."""
+    _, client = cluster
+    source = tmp_path / "batch.jsonl"
+    write_lines(
+        source, [request("a", "/v1/embeddings", input=TEXTS[:2]), request("a", "/v1/embeddings", input="x")]
+    )
+    done = daskdp_cli("run", source, "--scheduler-address", client.scheduler.address, "--quiet")
+    error_line(done, "custom_id 'a' appears more than once", cluster_started=True)
+    assert not (tmp_path / "batch.out").exists()
+
+
 def test_sampling_flags_are_refused_for_a_batch_file(tmp_path):
     """Bodies set their own sampling values: a flag that would change nothing is refused."""
     source = tmp_path / "batch.jsonl"

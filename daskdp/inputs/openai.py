@@ -27,8 +27,9 @@ FORMAT = "openai"
 REQUEST_ERROR = "request_error"  # the reason a line cannot be generated, found while reading it
 ID_COLUMN = "custom_id"
 # A list input (embeddings, score, rerank) is one row per element: ``item`` is the element's
-# index, and its id is the request's custom_id with ``[item]`` after it. The export regroups
-# a request's rows into one response.
+# index. The first element's id is the request's custom_id, so that the ids' check finds a
+# custom_id given twice; the others' have ``[item]`` after it. The export regroups a request's
+# rows into one response.
 ITEM_COLUMN = "item"
 
 # The endpoints daskdp serves: each one's input fields and the task (engine) that serves it.
@@ -328,7 +329,7 @@ def to_rows(part: pd.DataFrame, model_names: Sequence[str], task: str = "generat
         for element in elements:
             item = element.get(ITEM_COLUMN)
             identity = {
-                ID_COLUMN: custom_id if item is None or custom_id is None else f"{custom_id}[{item}]",
+                ID_COLUMN: custom_id if not item or custom_id is None else f"{custom_id}[{item}]",
                 "endpoint": None if _missing(url) else str(url),
             }
             for name, column in rows.items():

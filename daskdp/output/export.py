@@ -291,7 +291,7 @@ def pooled_part(rows: list[dict[str, Any]], model: str, key: bytes) -> dict[str,
     item = row.get(openai.ITEM_COLUMN)
     item = None if item is None or pd.isna(item) else int(item)
     custom_id = row[openai.ID_COLUMN]
-    if item is not None:  # an element of a list input: its id is the request's with [item]
+    if item:  # a list input's element after the first: its id is the request's with [item]
         custom_id = custom_id[: -len(f"[{item}]")]
     part = {
         "position": int(row["position"]),
