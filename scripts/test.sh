@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # Set up .venv with the test tools, then lint and run the whole test suite.
-#   bash scripts/test.sh [--fast] [pytest arguments]
+#   bash scripts/test.sh [--fast | --benchmarks] [pytest arguments]
 # --fast: the inner loop's lane, under 3 minutes: the tests not marked `slow` (pytest says how
 # many it deselected), without the SLURM start. It still runs `daskdp run` end to end on the
 # real engine against plain vLLM (tests/test_pipeline.py).
+# --benchmarks: only the tests that run each benchmark script on a tiny input (marked
+# `benchmarks`), which the other lanes leave out: a change to benchmarks/ runs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fast=
+benchmarks=
 if [ "${1:-}" = "--fast" ]; then
     fast=1
     shift
+elif [ "${1:-}" = "--benchmarks" ]; then
+    benchmarks=1
+    shift
 fi
 bash scripts/setup.sh --test
-if [ -n "$fast" ]; then
-    export DASKDP_SLURM_UNAVAILABLE="${DASKDP_SLURM_UNAVAILABLE:-not started by scripts/test.sh --fast}"
+if [ -n "$fast$benchmarks" ]; then
+    export DASKDP_SLURM_UNAVAILABLE="${DASKDP_SLURM_UNAVAILABLE:-not started by this lane of scripts/test.sh}"
 # A one-node SLURM for tests/test_jobqueue.py. Where it cannot start (no root, no packages),
 # the run goes on and those tests are skipped with the reason.
 elif ! slurm_error=$(bash scripts/slurm.sh 2>&1 >/dev/null); then
@@ -24,8 +30,10 @@ fi
 .venv/bin/ruff check daskdp tests benchmarks tools
 .venv/bin/ruff format --check daskdp tests benchmarks tools
 if [ -n "$fast" ]; then
-    echo "fast lane: the tests marked slow or slurm are deselected" >&2
-    .venv/bin/python -m pytest -m "not slow and not slurm" "$@"
+    echo "fast lane: the tests marked slow, slurm or benchmarks are deselected" >&2
+    .venv/bin/python -m pytest -m "not slow and not slurm and not benchmarks" "$@"
+elif [ -n "$benchmarks" ]; then
+    .venv/bin/python -m pytest -m benchmarks "$@"
 else
-    .venv/bin/python -m pytest "$@"
+    .venv/bin/python -m pytest -m "not benchmarks" "$@"
 fi

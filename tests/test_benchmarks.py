@@ -10,6 +10,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.benchmarks
+
 
 def benchmark(script: str, *args: str, timeout: float = 900) -> list[str]:
     """Run ``benchmarks/SCRIPT ARGS`` in a fresh process; its stdout lines. It must exit 0."""
@@ -23,7 +25,6 @@ def benchmark(script: str, *args: str, timeout: float = 900) -> list[str]:
     return done.stdout.splitlines()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("workload", ["plain", "samples"])
 def test_overhead_benchmark_runs(workload):
     lines = benchmark("overhead.py", "--rows", "200", "--repeats", "1", "--workload", workload)
@@ -32,7 +33,6 @@ def test_overhead_benchmark_runs(workload):
         assert any("texts: identical" in line for line in lines), lines
 
 
-@pytest.mark.slow
 def test_logprobs_memory_benchmark_runs():
     lines = benchmark("logprobs_memory.py", "--rows", "200")
     assert any(line.startswith("target     client peak b/a") for line in lines), lines
@@ -40,7 +40,6 @@ def test_logprobs_memory_benchmark_runs():
     assert float(files.split()[-1]) > 2, lines  # the logprobs are in the files
 
 
-@pytest.mark.slow
 def test_launcher_benchmark_runs():
     # The skewed workload runs every side: the launcher, daskdp balanced and dynamic.
     lines = benchmark("launcher.py", "--workload", "skewed", "--rows", "150", "--repeats", "1")
@@ -50,7 +49,6 @@ def test_launcher_benchmark_runs():
     assert not any("rows differ" in line for line in lines), lines  # greedy: the same texts
 
 
-@pytest.mark.slow
 def test_ray_data_benchmark_runs():
     if importlib.util.find_spec("ray") is None:
         pytest.skip("ray is not installed (pip install -e '.[bench]')")
@@ -61,21 +59,18 @@ def test_ray_data_benchmark_runs():
     assert any(line.startswith("ratio b/a") for line in lines), lines
 
 
-@pytest.mark.slow
 def test_prefix_benchmark_runs():
     lines = benchmark("prefix.py", "--rows", "300", "--prefixes", "4", "--repeats", "1")
     assert any(line.startswith("ratio b/a") for line in lines), lines
     assert any(line.startswith("hit rate") for line in lines), lines
 
 
-@pytest.mark.slow
 def test_embed_benchmark_runs():
     lines = benchmark("embed.py", "--rows", "200", "--repeats", "1")
     assert {line[:9] for line in lines if line.startswith("ratio ")} == {"ratio b/a", "ratio c/a"}, lines
     assert sum("lowest cosine to the baseline's: 1.0000" in line for line in lines) == 2, lines
 
 
-@pytest.mark.slow
 def test_run_batch_benchmark_runs():
     lines = benchmark("run_batch.py", "--rows", "100", "--repeats", "1")
     assert sum(line.startswith("ratio ") for line in lines) == 2, lines

@@ -9,8 +9,9 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.benchmarks
 
-@pytest.mark.slow
+
 def test_load_benchmark_runs():
     done = subprocess.run(
         [
