@@ -4,7 +4,10 @@ The file is shaped like vLLM's example (examples/offline_inference/openai_batch/
 openai_example_batch.jsonl: chat requests with messages and max_completion_tokens), greedy
 (``"temperature": 0`` in each body), on the warm session cluster. Each answer is checked
 against plain vLLM's ``LLM.chat``; each output body parses with the ``openai`` package's own
-models.
+models. Bodies with per-row control (n samples with logprobs, response_format, structured
+outputs) ride in the same file. The pooling endpoints (embeddings, score, rerank) run in two
+more files on the same cluster, their task read from their lines, against one plain-vLLM
+pooling subprocess; a slow test compares lines with vLLM's own run_batch field for field.
 """
 
 from __future__ import annotations
