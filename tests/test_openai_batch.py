@@ -278,7 +278,12 @@ def test_a_custom_id_repeated_by_a_list_input_refuses_the_file(tmp_path, cluster
         source, [request("a", "/v1/embeddings", input=TEXTS[:2]), request("a", "/v1/embeddings", input="x")]
     )
     done = daskdp_cli("run", source, "--scheduler-address", client.scheduler.address, "--quiet")
-    error_line(done, "custom_id 'a' appears more than once", cluster_started=True)
+    error_line(
+        done,
+        "custom_id 'a' appears more than once",
+        "in requests 1, 2 (counted from 1)",
+        cluster_started=True,
+    )
     assert not (tmp_path / "batch.out").exists()
 
 
