@@ -236,7 +236,8 @@ def _lazy_results(
     if not isinstance(prompts, dd.DataFrame):  # a Dask DataFrame keeps the partitions it was given
         frame = frame.repartition(npartitions=len(ranks))
     request = GenerationRequest.from_settings(settings, dimension=dimension)
-    meta = result_meta(frame._meta, task, dimension)
+    # The rows' reasons found while reading (an OpenAI Batch file's) become their `error`.
+    meta = result_meta(frame._meta.drop(columns=openai.REQUEST_ERROR, errors="ignore"), task, dimension)
     return frame.map_partitions(generate_partition, request, meta=meta)
 
 

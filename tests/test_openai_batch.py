@@ -244,6 +244,21 @@ def test_parquet_output_keeps_custom_id_endpoint_and_position(batch_run):
     assert results["endpoint"].tolist() == [line["url"] for line in lines]
 
 
+def test_the_lazy_api_reads_a_batch_file(tmp_path, cluster, oracle):
+    """`daskdp.generate(batch.jsonl)` gives the rows as a lazy frame: a failed request's reason in
+    `error`, n samples a row each."""
+    import daskdp
+
+    _, client = cluster
+    source = tmp_path / "batch.jsonl"
+    write_lines(source, [chat("a", CHATS[0]), chat("b", CHATS[0], logit_bias={"5": 10}), SAMPLES])
+    rows = client.compute(daskdp.generate(source), resources={"GPU": 1}).result()
+    assert rows["custom_id"].tolist() == ["a", "b", "samples", "samples"]
+    assert rows["generated_text"].iloc[0] == oracle["messages"][0][0]
+    assert rows["error"].iloc[1].startswith("body.logit_bias is not supported by daskdp")
+    assert rows["sample"].tolist()[2:] == [0, 1] and "request_error" not in rows
+
+
 def test_a_line_that_is_not_json_refuses_the_file(tmp_path, cluster):
     """One line naming the line number, exit 2, nothing written."""
     _, client = cluster
