@@ -170,6 +170,9 @@ def _lazy_results(
     import pandas as pd
     from distributed import get_client
 
+    from daskdp.inputs import openai
+
+    settings["run"]["task"] = openai.batch_task(prompts, settings, overrides)
     task = config.task(settings)
     input_settings = settings["input"]
     if client is None:
@@ -185,7 +188,6 @@ def _lazy_results(
     from daskdp.engine.loop import generate_partition
     from daskdp.engine.plugin import EnginePlugin
     from daskdp.engine.requests import GenerationRequest
-    from daskdp.inputs import openai
     from daskdp.inputs.read import check_columns, read_prompts
     from daskdp.output.schema import result_meta
     from daskdp.strategies import gang
@@ -234,7 +236,8 @@ def _lazy_results(
     if not isinstance(prompts, dd.DataFrame):  # a Dask DataFrame keeps the partitions it was given
         frame = frame.repartition(npartitions=len(ranks))
     request = GenerationRequest.from_settings(settings, dimension=dimension)
-    meta = result_meta(frame._meta, task, dimension)
+    # The rows' reasons found while reading (an OpenAI Batch file's) become their `error`.
+    meta = result_meta(frame._meta.drop(columns=openai.REQUEST_ERROR, errors="ignore"), task, dimension)
     return frame.map_partitions(generate_partition, request, meta=meta)
 
 

@@ -96,6 +96,7 @@ def run(
     """
     settings = config.load(config_file, overrides)
     check_sampling(settings["sampling"])
+    settings["run"]["task"] = openai.batch_task(source, settings, overrides)
     task = config.task(settings)
     model, engine_args = config.engine_arguments(settings, gpu_host=bool(visible_gpus()))
     check_model(model)

@@ -4,7 +4,10 @@ The file is shaped like vLLM's example (examples/offline_inference/openai_batch/
 openai_example_batch.jsonl: chat requests with messages and max_completion_tokens), greedy
 (``"temperature": 0`` in each body), on the warm session cluster. Each answer is checked
 against plain vLLM's ``LLM.chat``; each output body parses with the ``openai`` package's own
-models.
+models. Bodies with per-row control (n samples with logprobs, response_format, structured
+outputs) ride in the same file. The pooling endpoints (embeddings, score, rerank) run in two
+more files on the same cluster, their task read from their lines, against one plain-vLLM
+pooling subprocess; a slow test compares lines with vLLM's own run_batch field for field.
 """
 
 from __future__ import annotations
@@ -14,14 +17,17 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 
+import jsonschema
+import numpy as np
 import pandas as pd
 import pytest
-from openai.types import Completion
+from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
-from conftest import DASKDP, daskdp_cli, error_line, plain_vllm, read_results
+from conftest import DASKDP, TINY_ENGINE, TINY_MODEL, daskdp_cli, error_line, plain_vllm, read_results
 
 TOKENS = 12
 # Half the requests share a long system prompt: prefix locality reorders them, so the chunk
@@ -61,6 +67,18 @@ BAD = {
 }
 
 
+# Requests with per-row control: n samples with logprobs, a response_format JSON Schema (one
+# that the tiny model ends well within its tokens: objects it fills with whitespace), a choice.
+SAMPLES = chat("samples", CHATS[2], n=2, temperature=0.8, seed=7, logprobs=True, top_logprobs=2)
+SCHEMA = {"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 2}
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "flags", "schema": SCHEMA}}
+CONTROLLED = [
+    SAMPLES,
+    chat("schema", CHATS[3], max_completion_tokens=24, response_format=SCHEMA_FORMAT),
+    chat("choice", CHATS[4], structured_outputs={"choice": ["yes", "no", "maybe"]}),
+]
+
+
 def batch_lines() -> list[dict]:
     """Good requests with bad ones among them, in an order the test checks on export."""
     lines = [chat(f"request-{i + 1}", messages) for i, messages in enumerate(CHATS)]
@@ -74,7 +92,7 @@ def batch_lines() -> list[dict]:
                      "body": {"model": "tiny"}})  # fmt: skip
     lines.insert(9, chat("get", CHATS[0]) | {"method": "GET"})
     lines += [completion(f"text-{i}", prompt) for i, prompt in enumerate(PROMPTS)]
-    return lines
+    return lines + CONTROLLED
 
 
 def write_lines(path, lines) -> None:
@@ -110,7 +128,7 @@ def test_batch_file_answers_as_plain_vllm_in_input_order(batch_run, oracle):
     source, output, exported, done = batch_run
     lines = [json.loads(line) for line in exported.read_text().splitlines()]
     assert [line["custom_id"] for line in lines] == [line["custom_id"] for line in batch_lines()]
-    assert "exported 23 requests (5 failed)" in done.stdout
+    assert "exported 26 requests (5 failed)" in done.stdout
     assert read_results(output)["position"].tolist() != list(range(len(lines)))  # prefix order on disk
 
     answers = {line["custom_id"]: line for line in lines if line["error"] is None}
@@ -138,7 +156,48 @@ def test_batch_file_answers_as_plain_vllm_in_input_order(batch_run, oracle):
             parsed = ChatCompletion.model_validate(body)
             assert parsed.object == "chat.completion" and parsed.choices[0].message.content == text
         assert parsed.choices[0].finish_reason == ("length" if completion_tokens == TOKENS else "stop")
-    assert len(answers) == len(ids)
+    assert len(answers) == len(ids) + len(CONTROLLED)
+
+
+def test_n_samples_with_logprobs_are_one_line_with_a_choice_each(batch_run):
+    """n 2 at temperature 0.8 with a seed and logprobs (top 2): one line, two choices that parse
+    as the openai package's ChatCompletion, each with a logprob per token and its top 2."""
+    _, _, exported, _ = batch_run
+    line = next(json.loads(x) for x in exported.read_text().splitlines() if '"custom_id":"samples"' in x)
+    parsed = ChatCompletion.model_validate(line["response"]["body"])
+    assert [c.index for c in parsed.choices] == [0, 1]
+    assert parsed.choices[0].message.content != parsed.choices[1].message.content  # sampled, not greedy
+    for c in parsed.choices:
+        content = c.logprobs.content
+        assert 0 < len(content) <= TOKENS
+        for token in content:
+            assert len(token.top_logprobs) == 2 and token.logprob <= 0
+            assert token.bytes == list(token.token.encode())
+            # vLLM's server lists the sampled token first, then the likeliest others
+            assert (token.top_logprobs[0].token, token.top_logprobs[0].logprob) == (
+                token.token,
+                token.logprob,
+            )
+    assert parsed.usage.completion_tokens == sum(len(c.logprobs.content) for c in parsed.choices)
+
+
+def test_structured_output_fields_constrain_the_answer(batch_run):
+    """response_format json_schema: the content parses and validates; structured_outputs
+    choice: the content is one of the choices."""
+    _, _, exported, _ = batch_run
+    bodies = {
+        line["custom_id"]: line["response"]["body"]
+        for line in map(json.loads, exported.read_text().splitlines())
+        if line["custom_id"] in ("schema", "choice")
+    }
+    answer = ChatCompletion.model_validate(bodies["schema"]).choices[0]
+    assert answer.finish_reason == "stop"
+    jsonschema.validate(json.loads(answer.message.content), SCHEMA)
+    assert ChatCompletion.model_validate(bodies["choice"]).choices[0].message.content in (
+        "yes",
+        "no",
+        "maybe",
+    )
 
 
 def test_bad_requests_are_error_lines_naming_the_field(batch_run):
@@ -176,11 +235,28 @@ def test_export_again_with_errors_in_their_own_file(batch_run, tmp_path):
 def test_parquet_output_keeps_custom_id_endpoint_and_position(batch_run):
     """The chunk files keep each request's custom_id, endpoint and input position."""
     _, output, _, _ = batch_run
-    results = read_results(output).sort_values("position")
+    results = read_results(output).sort_values(["position", "sample"])
+    assert results["custom_id"].value_counts()["samples"] == 2  # n 2: a row per sample
+    results = results.drop_duplicates("position")
     lines = batch_lines()
     assert results["position"].tolist() == list(range(len(lines)))
     assert results["custom_id"].tolist() == [line["custom_id"] for line in lines]
     assert results["endpoint"].tolist() == [line["url"] for line in lines]
+
+
+def test_the_lazy_api_reads_a_batch_file(tmp_path, cluster, oracle):
+    """`daskdp.generate(batch.jsonl)` gives the rows as a lazy frame: a failed request's reason in
+    `error`, n samples a row each."""
+    import daskdp
+
+    _, client = cluster
+    source = tmp_path / "batch.jsonl"
+    write_lines(source, [chat("a", CHATS[0]), chat("b", CHATS[0], logit_bias={"5": 10}), SAMPLES])
+    rows = client.compute(daskdp.generate(source), resources={"GPU": 1}).result()
+    assert rows["custom_id"].tolist() == ["a", "b", "samples", "samples"]
+    assert rows["generated_text"].iloc[0] == oracle["messages"][0][0]
+    assert rows["error"].iloc[1].startswith("body.logit_bias is not supported by daskdp")
+    assert rows["sample"].tolist()[2:] == [0, 1] and "request_error" not in rows
 
 
 def test_a_line_that_is_not_json_refuses_the_file(tmp_path, cluster):
@@ -203,6 +279,24 @@ def test_a_repeated_custom_id_refuses_the_file(tmp_path, cluster):
         done,
         "custom_id 'a' appears more than once",
         "in requests 1, 3 (counted from 1)",
+        cluster_started=True,
+    )
+    assert not (tmp_path / "batch.out").exists()
+
+
+def test_a_custom_id_repeated_by_a_list_input_refuses_the_file(tmp_path, cluster):
+    """A list input's rows have ids of their own: the first one's is still the custom_id, so a
+    line repeating it is found."""
+    _, client = cluster
+    source = tmp_path / "batch.jsonl"
+    write_lines(
+        source, [request("a", "/v1/embeddings", input=TEXTS[:2]), request("a", "/v1/embeddings", input="x")]
+    )
+    done = daskdp_cli("run", source, "--scheduler-address", client.scheduler.address, "--quiet")
+    error_line(
+        done,
+        "custom_id 'a' appears more than once",
+        "in requests 1, 2 (counted from 1)",
         cluster_started=True,
     )
     assert not (tmp_path / "batch.out").exists()
@@ -298,3 +392,163 @@ def test_export_restores_input_order_through_buckets(monkeypatch):
     assert [(p, line, failed) for p, line, failed in export.sorted_lines(lines, 100)] == [
         (p, f'{{"n":{p}}}', p % 5 == 0) for p in range(100)
     ]
+
+
+# Pooling endpoints, on the packaged tiny Llama as the embedding model (docs/pooling.md): one
+# file of embeddings (its task read from its lines), one of scores and reranks.
+TEXTS = [
+    f"Sentence {i}: the {['river', 'moon', 'bread'][i % 3]} is {i * 7 % 13} times calm." for i in range(6)
+]
+POOLING_ORACLE = r"""
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from vllm import LLM
+spec = json.load(sys.stdin)
+llm = LLM(model=spec["model"], runner="pooling", **spec["engine"])
+embed = [o.outputs.embedding for o in llm.embed(spec["texts"], use_tqdm=False)]
+score = [o.outputs.score for o in llm.score(spec["texts"][0], spec["texts"][1:], use_tqdm=False)]
+print("ORACLE" + json.dumps({"embed": embed, "score": score}))
+"""
+
+
+def request(custom_id, url, **body):
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": {"model": "tiny", **body}}
+
+
+EMBEDDINGS = [
+    request("one", "/v1/embeddings", input=TEXTS[0]),
+    request("chat", "/v1/chat/completions", messages=CHATS[0]),  # needs the generating engine
+    request("list", "/v1/embeddings", input=TEXTS[1:4], encoding_format="float"),
+    request("dims", "/v1/embeddings", input=TEXTS[0], dimensions=8),
+    request("last", "/v1/embeddings", input=[TEXTS[4]]),
+]
+SCORES = [
+    request("pairs", "/v1/score", text_1=TEXTS[0], text_2=TEXTS[1:3]),  # 1:N
+    request("pair", "/v1/score", text_1=TEXTS[0], text_2=TEXTS[5]),
+    request("rerank", "/v1/rerank", query=TEXTS[0], documents=TEXTS[1:6], top_n=3),
+]
+
+
+@pytest.fixture(scope="module")
+def pooling_runs(tmp_path_factory, cluster):
+    """Both files through `daskdp run --export` on the warm cluster, with no --task: each is
+    read from the files' endpoints. Plain vLLM answers meanwhile, in one subprocess."""
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    oracle = subprocess.Popen(
+        [sys.executable, "-c", POOLING_ORACLE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    oracle.stdin.write(json.dumps({"model": str(TINY_MODEL), "engine": TINY_ENGINE, "texts": TEXTS}))
+    oracle.stdin.close()
+    oracle.stdin = None
+    _, client = cluster
+    folder = tmp_path_factory.mktemp("pooling")
+    exported = {}
+    for name, lines in (("embeddings", EMBEDDINGS), ("scores", SCORES)):
+        source, exported[name] = folder / f"{name}.jsonl", folder / f"{name}.results.jsonl"
+        write_lines(source, lines)
+        done = daskdp_cli(
+            "run", source, "--scheduler-address", client.scheduler.address, "--export", exported[name],
+            "--quiet",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    stdout, stderr = oracle.communicate(timeout=600)
+    assert oracle.returncode == 0, stderr[-3000:]
+    plain = json.loads(next(line for line in stdout.splitlines() if line.startswith("ORACLE"))[6:])
+    lines = {
+        name: {line["custom_id"]: line for line in map(json.loads, path.read_text().splitlines())}
+        for name, path in exported.items()
+    }
+    return lines, plain, exported
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_embeddings_are_one_response_per_request_as_plain_vllm(pooling_runs):
+    """A string input and a list input (a row per element inside daskdp) each give one line,
+    in input order, that parses as the openai package's CreateEmbeddingResponse, with plain
+    LLM.embed's vectors; the chat line and an unsupported field are error lines."""
+    lines, plain, exported = pooling_runs
+    embeddings = lines["embeddings"]
+    assert list(embeddings) == [line["custom_id"] for line in EMBEDDINGS]
+    wanted = {"one": [0], "list": [1, 2, 3], "last": [4]}
+    for custom_id, texts in wanted.items():
+        body = embeddings[custom_id]["response"]["body"]
+        parsed = CreateEmbeddingResponse.model_validate(body)
+        assert body["id"].startswith("embd-") and parsed.model == "tiny" and parsed.object == "list"
+        assert [d.index for d in parsed.data] == list(range(len(texts)))
+        for data, text in zip(parsed.data, texts, strict=True):
+            assert cosine(data.embedding, plain["embed"][text]) >= 0.99999
+        assert parsed.usage.prompt_tokens == parsed.usage.total_tokens > 0
+    chat, dims = embeddings["chat"], embeddings["dims"]
+    assert chat["response"]["status_code"] == 400 and chat["error"]["code"] == "unsupported_value"
+    assert "/v1/chat/completions needs a generating engine (--task generate)" in chat["error"]["message"]
+    assert dims["error"]["message"].startswith("body.dimensions is not supported by daskdp")
+
+
+def test_score_and_rerank_are_plain_vllm_scores(pooling_runs):
+    """/v1/score (1:N pairs, and one pair) and /v1/rerank (results by relevance, the top 3),
+    shaped as vLLM's server writes them, with plain LLM.score's scores."""
+    lines, plain, _ = pooling_runs
+    scores = lines["scores"]
+    assert list(scores) == [line["custom_id"] for line in SCORES]
+    pairs = scores["pairs"]["response"]["body"]
+    assert pairs["object"] == "list" and pairs["id"].startswith("score-")
+    assert [d["index"] for d in pairs["data"]] == [0, 1] and {d["object"] for d in pairs["data"]} == {"score"}
+    assert np.allclose([d["score"] for d in pairs["data"]], plain["score"][:2], rtol=1e-5, atol=1e-6)
+    assert np.isclose(scores["pair"]["response"]["body"]["data"][0]["score"], plain["score"][4], atol=1e-6)
+    rerank = scores["rerank"]["response"]["body"]
+    assert set(rerank) == {"id", "model", "usage", "results"}
+    order = np.argsort(-np.asarray(plain["score"]), kind="stable")[:3]
+    assert [r["index"] for r in rerank["results"]] == order.tolist()
+    assert [r["document"]["text"] for r in rerank["results"]] == [TEXTS[1 + i] for i in order]
+    assert np.allclose(
+        [r["relevance_score"] for r in rerank["results"]], np.asarray(plain["score"])[order], atol=1e-6
+    )
+
+
+def without_ids(value):
+    """A line with the fields that differ on every run left out: ids, times, vLLM's fingerprint."""
+    if isinstance(value, dict):
+        drop = {"id", "request_id", "created", "system_fingerprint"}
+        return {k: without_ids(v) for k, v in value.items() if k not in drop}
+    if isinstance(value, list):
+        return [without_ids(v) for v in value]
+    return round(value, 4) if isinstance(value, float) else value
+
+
+@pytest.mark.slow
+def test_lines_match_vllm_run_batch_field_for_field(tmp_path, cluster):
+    """n samples with a seed and logprobs, and greedy logprobs: daskdp's lines are run_batch's
+    for the same file, field for field (ids, times and the fingerprint aside). (run_batch 0.32
+    takes chat requests only: a /v1/completions line fails its whole file.)"""
+    from daskdp import config
+
+    _, client = cluster
+    source = tmp_path / "batch.jsonl"
+    write_lines(source, [SAMPLES, chat("greedy", CHATS[5], logprobs=True, top_logprobs=3)])
+    model, engine = config.engine_arguments(config.load(overrides={"model": "tiny"}), gpu_host=False)
+    flags = [
+        f"--{key.replace('_', '-')}" if value is True else f"--{key.replace('_', '-')}={value}"
+        for key, value in engine.items()
+        if key not in ("tensor_parallel_size", "use_tqdm_on_load", "disable_log_stats") and value is not False
+    ]
+    theirs = tmp_path / "run_batch.jsonl"
+    baseline = subprocess.run(
+        [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", source, "-o", theirs,
+         "--model", model, "--served-model-name", "tiny", *flags],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+    ours = tmp_path / "results.jsonl"
+    done = daskdp_cli(
+        "run", source, "--scheduler-address", client.scheduler.address, "--export", ours, "--quiet"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    read = [
+        [without_ids(json.loads(line)) for line in path.read_text().splitlines()] for path in (ours, theirs)
+    ]
+    assert read[0] == read[1]

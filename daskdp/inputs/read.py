@@ -84,7 +84,8 @@ class Prompts:
         )
         if len(nulls) and self.format == openai.FORMAT:
             raise UserError(
-                f"request {nulls[0] + 1} of {self.source} (counted from 1) has no custom_id; "
+                f"request {self.request_numbers(nulls[:1])[0]} of {self.source} (counted "
+                "from 1) has no custom_id; "
                 "every line of an OpenAI Batch file needs its own"
             )
         if len(nulls):
@@ -105,7 +106,7 @@ class Prompts:
             if self.format == openai.FORMAT:
                 raise UserError(
                     f"custom_id {value!r} appears more than once in {self.source}, in requests "
-                    + ", ".join(str(row + 1) for row in rows[:5])
+                    + ", ".join(map(str, self.request_numbers(rows[:5])))
                     + " (counted from 1)"
                     + (f"; {more:,} other custom_ids repeat too" if more else "")
                     + "; an OpenAI Batch file needs a unique custom_id on every line"
@@ -116,6 +117,14 @@ class Prompts:
                 + (f" (and {more:,} other ids repeat)" if more else "")
                 + "; ids must be unique: fix them, or drop the column to number the rows by position"
             )
+
+    def request_numbers(self, positions: np.ndarray) -> list[int]:
+        """The requests (lines, from 1) of an OpenAI Batch file's rows at input ``positions``:
+        a list input's elements after the first are rows of their own (``item`` above 0). Read
+        only on the way to an error: a byte per row."""
+        continued = self.frame[openai.ITEM_COLUMN].fillna(0).gt(0).astype("int8").compute().to_numpy()
+        before = np.cumsum(continued, dtype=np.int64)
+        return [int(p) + 1 - int(before[p]) for p in positions]
 
     def row(self, position: int, column: str, starts: np.ndarray) -> Any:
         """The value of ``column`` in the row at input ``position``, read from its partition."""
@@ -155,8 +164,11 @@ def read_prompts(
             "format": openai.FORMAT,
             "prompt-column": "prompt",
             "messages-column": "messages",
+            "text-1-column": "text_1",
+            "text-2-column": "text_2",
             "id-column": openai.ID_COLUMN,
             "model-names": list(model_names),
+            "task": task,
         }
     try:
         # Dask's string conversion would turn chat messages (lists of dicts) into their repr.
@@ -192,7 +204,9 @@ def _read(source: str, fmt: str, input_config: dict[str, Any]) -> dd.DataFrame:
         return dd.read_parquet(source)
     if fmt == openai.FORMAT:
         batch = _read(source, "jsonl", input_config)
-        return batch.map_partitions(openai.to_rows, input_config["model-names"], meta=openai.meta())
+        return batch.map_partitions(
+            openai.to_rows, input_config["model-names"], input_config["task"], meta=openai.meta()
+        )
     if fmt == "jsonl":
         compressed = posixpath.splitext(source)[1].lower() in COMPRESSIONS
         blocksize = None if compressed else 2**26
