@@ -204,9 +204,14 @@ def synthetic_run(path, results: pd.DataFrame, chunks: list[dict], **totals) -> 
 
 def results_frame(n: int, errors: list[str | None]) -> pd.DataFrame:
     results = pd.DataFrame({"id": range(n), "prompt": [f"p{i}" for i in range(n)]}).assign(
-        **{name: pd.Series([None] * n, dtype=dtype) for name, dtype in result_dtypes().items()}
+        **{
+            name: pd.Series([None] * n, dtype=dtype)
+            for name, dtype in result_dtypes().items()
+            if name != "position"  # never null: set below
+        }
     )
     return results.assign(
+        position=range(n),
         error=pd.array(errors, dtype="string"),
         rank=pd.array([0] * n, dtype="Int64"),
         prompt_tokens=pd.array([0] * n, dtype="Int64"),
