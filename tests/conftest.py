@@ -16,6 +16,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,11 @@ TEST_DASK_CONFIG = Path(tempfile.mkdtemp(prefix="daskdp-tests-dask-config-"))
 )
 atexit.register(shutil.rmtree, TEST_DASK_CONFIG, ignore_errors=True)
 os.environ["DASK_CONFIG"] = str(TEST_DASK_CONFIG)
+# The signal tests send Ctrl-C. A suite started in the background of a non-interactive shell
+# (`bash .ci/run &`) inherits SIGINT ignored, and so would every process it starts: put Python's
+# handler back, which its children then get as the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 if "dask.config" in sys.modules:  # imported before this file: its search path is already set
     sys.modules["dask.config"].paths.append(str(TEST_DASK_CONFIG))
 
