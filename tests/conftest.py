@@ -97,9 +97,15 @@ def plain_vllm(
         "max_tokens": [int(n) for n in max_tokens_per_prompt],
         "messages": [list(m) for m in messages],
     }
+    return run_oracle(ORACLE, spec)
+
+
+def run_oracle(script: str, spec: dict) -> dict:
+    """Run a plain-vLLM ``script`` in a fresh process with ``spec`` as JSON on its stdin; the
+    JSON it prints after ``ORACLE``."""
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TQDM_DISABLE": "1"}
     done = subprocess.run(
-        [sys.executable, "-c", ORACLE],
+        [sys.executable, "-c", script],
         input=json.dumps(spec),
         capture_output=True,
         text=True,

@@ -10,8 +10,6 @@ have one cold ``daskdp run`` of their own (slow).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import jsonschema
@@ -19,7 +17,7 @@ import pandas as pd
 import pytest
 
 import daskdp
-from conftest import REPO, TINY_ENGINE, TINY_MODEL, daskdp_cli, error_line, read_results
+from conftest import REPO, TINY_ENGINE, TINY_MODEL, daskdp_cli, error_line, read_results, run_oracle
 
 sys.path.insert(0, str(REPO / "tools"))
 from make_tiny_lora import make_tiny_lora  # noqa: E402
@@ -123,18 +121,7 @@ def oracle(adapters):
         "loras": LORA_ROWS,
         "lora_prompts": LORA_PROMPTS,
     }
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TQDM_DISABLE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", ORACLE],
-        input=json.dumps(spec),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(line for line in done.stdout.splitlines() if line.startswith("ORACLE"))
-    return json.loads(line.removeprefix("ORACLE"))
+    return run_oracle(ORACLE, spec)
 
 
 def structured_frame() -> pd.DataFrame:

@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 from test_faults import assert_gone, family, start_run, wait_for_chunks
 
 import daskdp
-from conftest import TINY_ENGINE, TINY_MODEL, daskdp_cli, error_line, read_results
+from conftest import TINY_ENGINE, TINY_MODEL, daskdp_cli, error_line, read_results, run_oracle
 from daskdp.errors import UserError
 
 MAX_TOKENS = 8
@@ -92,18 +90,7 @@ def oracle():
         ],
         "stopped": {**STOPPED, "params": {"temperature": 0.0}},
     }
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TQDM_DISABLE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", ORACLE],
-        input=json.dumps(spec),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(line for line in done.stdout.splitlines() if line.startswith("ORACLE"))
-    return json.loads(line.removeprefix("ORACLE"))
+    return run_oracle(ORACLE, spec)
 
 
 @pytest.fixture(scope="module")
