@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv with the test tools, then lint and run the whole test suite.
 #   bash scripts/test.sh [--fast | --benchmarks] [pytest arguments]
-# --fast: the inner loop's lane, under 3 minutes: the tests not marked `slow` (pytest says how
-# many it deselected), without the SLURM start. It still runs `daskdp run` end to end on the
+# --fast: the inner loop's lane (aim: 3 minutes; 4 on 2 cores today): the tests not marked
+# `slow` (pytest says how many it deselected), without the SLURM start. It still runs `daskdp run` end to end on the
 # real engine against plain vLLM (tests/test_pipeline.py).
 # --benchmarks: only the tests that run each benchmark script on a tiny input (marked
 # `benchmarks`), which the other lanes leave out: a change to benchmarks/ runs them.
