@@ -308,7 +308,7 @@ def test_a_worker_that_joins_takes_work(scheduler, worker, client, sessions, tmp
     """A GPU worker started mid-run gets the engine from the scheduler's plugin and, once it has
     loaded it, takes partitions (dynamic) or half the unstarted chunks of the busy rank's
     partition (balanced: the run planned one partition); every row once."""
-    rows = 3000
+    rows = 6000  # outlasts the join: under load 3,000 rows were done before the joined rank loaded
     source = tmp_path / "prompts.parquet"
     pd.DataFrame(
         {"id": range(rows), "prompt": [f"Item {i}: describe it." for i in range(rows)], "max_tokens": 96}
