@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import daskdp_cli, read_results
+from conftest import TINY_ENGINE, TINY_MODEL, daskdp_cli, read_results, run_oracle
 from daskdp import plan
 from daskdp.engine.loop import ChunkQueue
 from daskdp.errors import RunError
@@ -202,6 +202,93 @@ def test_a_queue_gives_away_the_back_half_of_what_is_unstarted():
     assert queue.give_away() == [3, 4, 5]
     assert [n for n, _ in taken] == [1, 2]
     assert queue.give_away() == [] and queue.rows() == 0
+
+
+# An engine of 24 sequences takes 48 requests ahead: all 5 chunks of 8 rows enter it at once
+# (the queue is found empty), 3 run and 2 wait. A request to give work away comes after the
+# first step.
+STEAL_FROM_ENGINE = r"""
+import asyncio, json, os, sys, threading
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+import pandas as pd
+from vllm import LLM, SamplingParams
+from daskdp import config
+from daskdp.engine import loop as chunk_loop
+from daskdp.engine.loop import ChunkQueue, give_away, step_chunks
+from daskdp.engine.requests import GenerationRequest
+from daskdp.engine.rows import Chunk
+
+chunk_loop.IN_ENGINE_SHARE = 0.01  # two batches ahead, as for a task much larger than them
+spec = json.load(sys.stdin)
+llm = LLM(model=spec["model"], **spec["engine"], max_num_seqs=24)
+sampling = config.load(None, overrides={"sampling.max-tokens": 32, "sampling.ignore-eos": True})["sampling"]
+request = GenerationRequest(sampling=sampling)
+prompts = [f"Prompt {i}: tell me about topic {i * 13 % 97}." for i in range(40)]
+rows = pd.DataFrame({"id": range(40), "prompt": prompts})
+queue = ChunkQueue((n, rows.iloc[8 * n : 8 * n + 8]) for n in range(5))
+answers, finished, seen = [], {}, []
+gates = [(threading.Event(), threading.Event()) for _ in range(2)]  # (reached, asked)
+
+
+class Report:
+    def advance(self, rows, tokens):
+        pass
+
+    def send(self):
+        # Gate 0: after the first step. Gate 1: a step after chunks 0, 1 and 2 finished, when
+        # chunk 3 (added again) has started. Each holds the loop until a request is in.
+        seen.append(len(finished))
+        gate = 0 if len(seen) == 1 else 1 if seen[-2:] == [3, 3] else None
+        if gate is not None and not gates[gate][0].is_set():
+            gates[gate][0].set()
+            gates[gate][1].wait(60)
+
+
+def ask(gate):
+    gates[gate][0].wait(60)
+    asking = threading.Thread(target=lambda: answers.append(asyncio.run(give_away("task"))))
+    asking.start()
+    while not queue.asked and asking.is_alive():
+        pass
+    gates[gate][1].set()
+    asking.join()
+
+
+with queue.shared("task"):
+    chunks = (Chunk(n, part) for n, part in queue)
+    loop = threading.Thread(
+        target=step_chunks, args=(llm, chunks, request, Report(), lambda c: finished.update({c.number: c}), queue)
+    )
+    loop.start()
+    gates[0][0].wait(60)
+    in_queue, unstarted_rows = len(queue.chunks), queue.rows()
+    ask(0)
+    ask(1)
+    loop.join()
+plain = llm.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True, temperature=0), use_tqdm=False)
+texts = {n: [samples[0].text for samples in chunk.samples] for n, chunk in finished.items()}
+tokens = {n: [samples[0].tokens for samples in chunk.samples] for n, chunk in finished.items()}
+print("ORACLE" + json.dumps({
+    "in_queue": in_queue, "unstarted_rows": unstarted_rows, "answers": answers, "texts": texts, "tokens": tokens,
+    "plain": [o.outputs[0].text for o in plain],
+}))
+"""
+
+
+def test_an_idle_rank_takes_chunks_that_entered_the_engine_but_did_not_start():
+    """Work stealing reaches into the engine: with every chunk already in the busy rank's engine
+    (its queue empty), a request to give work away takes the back half of the chunks none of
+    whose requests had started (their requests aborted there); a chunk with a started request
+    is never given. Every chunk is finished by exactly one side, the ones taken back and added
+    again with the same greedy texts as plain vLLM."""
+    result = run_oracle(STEAL_FROM_ENGINE, {"model": str(TINY_MODEL), "engine": TINY_ENGINE})
+    assert result["in_queue"] == 0  # every chunk had entered the engine
+    assert result["unstarted_rows"] == 16  # chunks 3 and 4 waited in its scheduler
+    assert result["answers"] == [[4], []]  # the back half of [3, 4]; then chunk 3 had started
+    assert sorted(result["texts"], key=int) == ["0", "1", "2", "3"]  # chunk 4 never finished here
+    for n, texts in result["texts"].items():
+        assert texts == result["plain"][8 * int(n) : 8 * int(n) + 8], f"chunk {n}"
+        assert result["tokens"][n] == [32] * 8
 
 
 def test_a_run_missing_rows_does_not_pass_as_finished():

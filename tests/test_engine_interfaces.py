@@ -96,3 +96,23 @@ def test_the_process_interfaces_daskdp_uses():
     import vllm.config.parallel
 
     assert "envs.VLLM_DP_SIZE" in source(vllm.config.parallel)  # read when LLM is built
+
+
+def test_the_scheduler_state_work_stealing_reads():
+    """`daskdp.engine.loop.unstarted`: which requests the engine has not started."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.engine.core_client import InprocClient
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.v1.engine.output_processor import OutputProcessor
+    from vllm.v1.request import Request, RequestStatus
+
+    assert "self.engine_core = EngineCoreClient.make_client(" in source(LLMEngine.__init__)
+    assert "self.output_processor" in source(LLMEngine.__init__)
+    assert "self.engine_core = EngineCore(" in source(InprocClient.__init__)
+    assert "self.scheduler" in source(EngineCore.__init__)
+    assert "self.requests: dict[str, Request]" in source(Scheduler.__init__)
+    assert "self.external_req_ids" in source(OutputProcessor.__init__)
+    assert RequestStatus.WAITING is not None
+    assert "self.num_computed_tokens" in source(Request.__init__)
+    assert isinstance(Request.num_output_tokens, property)

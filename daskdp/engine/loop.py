@@ -11,12 +11,13 @@ set; the rest of the chunk is generated.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,6 +39,8 @@ __all__ = ["GenerationRequest", "generate_and_write", "generate_partition"]
 
 PROGRESS_TOPIC = "daskdp-progress"
 GIVEN_AWAY = "daskdp-given-away"  # a task's metadata on the scheduler: chunks it gave away
+IN_ENGINE_SHARE = 4  # with work stealing, at most 1/4 of a task's unfinished rows in the engine
+ANSWER_TIMEOUT = 30.0  # seconds a request to give work away waits for the engine's loop
 
 
 def generate_partition(
@@ -135,7 +138,9 @@ def chunk_loop(
             on_finished = finished.append
         else:  # a finished chunk is freed once it is written
             on_finished = lambda chunk: writes.append(writer.submit(write, chunk))  # noqa: E731
-        stopped = generate_chunks(engine, queue, request, report, on_finished)
+        # Only independent ranks of `daskdp run` give work away (`daskdp.strategies.independent`).
+        shared = output is not None and gang_engine() is None
+        stopped = generate_chunks(engine, queue, request, report, on_finished, shared=shared)
         if output is not None:
             for chunk in stopped:
                 record = chunk.record(rank, worker.address, partition, request.id_column)
@@ -158,9 +163,12 @@ def generate_chunks(
     request: GenerationRequest,
     report: ProgressReporter,
     on_finished: Callable[[Chunk], Any],
+    shared: bool = False,
 ) -> list[Chunk]:
     """Generate ``chunks`` (number, rows) on ``engine``, giving each finished one to ``on_finished``;
     a chunk stopped by the chunk timeout is tried ``request.retries`` more times.
+
+    ``shared``: ``chunks`` is a `ChunkQueue` other ranks may take from (`step_chunks`).
 
     Returns the chunks stopped at their last attempt.
     """
@@ -169,7 +177,14 @@ def generate_chunks(
     for attempt in range(1, request.retries + 2):
         # Made as the engine takes them: a finished chunk is freed once it is handed on.
         made = (Chunk(number, rows, attempt) for number, rows in waiting)
-        stopped = engine.call(step_chunks, made, request, report, on_finished)
+        stopped = engine.call(
+            step_chunks,
+            made,
+            request,
+            report,
+            on_finished,
+            waiting if shared and isinstance(waiting, ChunkQueue) else None,  # retries: the stopped chunks
+        )
         if not stopped:
             break
         waiting = [(chunk.number, chunk.rows) for chunk in stopped]
@@ -177,10 +192,14 @@ def generate_chunks(
 
 
 class ChunkQueue:
-    """The chunks of a running task that its engine has not taken yet.
+    """The chunks of a running task that its engine has not started.
 
     The engine takes them from the front; a rank that has run out of work is given the back
     half (`give_away`), so that each side keeps neighbouring chunks (rows sharing a prefix).
+    The engine's loop takes up to two batches of requests ahead, so that most of a small task's
+    chunks have entered the engine at once: while the loop runs (``stepping``), a request to
+    give work away is answered by the loop itself, between two engine steps, after it has taken
+    back the chunks none of whose requests the engine has started (`step_chunks`).
     """
 
     running: dict[Key, ChunkQueue] = {}  # the queues of the tasks running in this process
@@ -188,14 +207,19 @@ class ChunkQueue:
     def __init__(self, chunks: Iterable[tuple[int, pd.DataFrame]]):
         self.chunks = collections.deque(chunks)
         self.lock = threading.Lock()
+        self.stepping = False  # an engine loop answers the requests below
+        self.asked: list[Future] = []  # requests to give work away, for the loop
+        self.unstarted_in_engine = 0  # rows of chunks in the engine that it has not started
 
     def __iter__(self):
-        while True:
-            with self.lock:
-                if not self.chunks:
-                    return
-                chunk = self.chunks.popleft()
+        while (chunk := self.take()) is not None:
             yield chunk
+
+    def take(self) -> tuple[int, pd.DataFrame] | None:
+        """The front chunk, for the engine (None when there is none, for now: the engine's loop
+        may put chunks back, `answer`)."""
+        with self.lock:
+            return self.chunks.popleft() if self.chunks else None
 
     @contextlib.contextmanager
     def shared(self, key: Key):
@@ -207,14 +231,67 @@ class ChunkQueue:
             ChunkQueue.running.pop(key, None)
 
     def rows(self) -> int:
+        """Rows not started: in the queue, and in chunks of the engine none of whose rows started."""
+        with self.lock:
+            return sum(len(rows) for _, rows in self.chunks) + (
+                self.unstarted_in_engine if self.stepping else 0
+            )
+
+    def queued_rows(self) -> int:
         with self.lock:
             return sum(len(rows) for _, rows in self.chunks)
 
     def give_away(self) -> list[int]:
-        """Remove the back half of the chunks (rounded up); their numbers."""
+        """Remove the back half of the queued chunks (rounded up); their numbers."""
         with self.lock:
-            given = [self.chunks.pop()[0] for _ in range((len(self.chunks) + 1) // 2)]
+            return self.split()
+
+    def split(self) -> list[int]:
+        """`give_away` with ``self.lock`` held."""
+        given = [self.chunks.pop()[0] for _ in range((len(self.chunks) + 1) // 2)]
         return sorted(given)
+
+    def ask(self) -> Future:
+        """A request to give work away: answered now when no engine loop runs, else by the loop
+        between two steps, or when it stops (`answer`)."""
+        answer: Future = Future()
+        with self.lock:
+            if self.stepping:
+                self.asked.append(answer)
+                return answer
+            answer.set_result(self.split())
+        return answer
+
+    def withdraw(self, answer: Future) -> None:
+        """Give up waiting for ``answer``: answered here unless the loop has taken it."""
+        with self.lock:
+            if answer in self.asked:
+                self.asked.remove(answer)
+                answer.set_result(self.split())
+
+    def start(self) -> None:
+        with self.lock:
+            self.stepping = True
+
+    def answer(
+        self, give_back: Callable[[], list[tuple[int, pd.DataFrame]]] | None, stop: bool = False
+    ) -> None:
+        """Runs on the engine's thread: answer the requests to give work away.
+
+        ``give_back``: takes the unstarted chunks out of the engine, for the front of the queue,
+        before the first request is answered. With ``stop``, the loop no longer answers.
+        """
+        with self.lock:
+            asked, self.asked = self.asked, []
+            if stop:
+                self.stepping = False
+                self.unstarted_in_engine = 0
+            if not asked:
+                return
+            if give_back is not None:
+                self.chunks.extendleft(reversed(give_back()))
+            for answer in asked:
+                answer.set_result(self.split())
 
 
 def queued_rows(keys: list[Key]) -> dict[Key, int]:
@@ -222,15 +299,24 @@ def queued_rows(keys: list[Key]) -> dict[Key, int]:
     return {key: queue.rows() for key in keys if (queue := ChunkQueue.running.get(key)) is not None}
 
 
-def give_away(key: Key) -> list[int]:
+async def give_away(key: Key) -> list[int]:
     """Run on a worker (``client.run``): take half the unstarted chunks of task ``key``, for
     another rank to generate; their numbers (none when the task has finished).
 
-    The caller records them in the task's metadata under `GIVEN_AWAY`, so that the task, run
-    again after its worker died, leaves them out.
+    Unstarted: still queued, or in the engine with none of their requests started (the engine's
+    loop aborts those and takes them back first). The caller records them in the task's
+    metadata under `GIVEN_AWAY`, so that the task, run again after its worker died, leaves
+    them out.
     """
     queue = ChunkQueue.running.get(key)
-    return queue.give_away() if queue is not None else []
+    if queue is None:
+        return []
+    answer = queue.ask()
+    try:
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(answer)), ANSWER_TIMEOUT)
+    except TimeoutError:
+        queue.withdraw(answer)
+        return await asyncio.wrap_future(answer)
 
 
 class ProgressReporter:
@@ -268,14 +354,25 @@ def step_chunks(
     request: GenerationRequest,
     report: ProgressReporter,
     on_finished: Callable[[Chunk], Any],
+    queue: ChunkQueue | None = None,
 ) -> list[Chunk]:
     """Runs on the engine's thread: generate ``chunks``, handing each to ``on_finished`` when done.
 
     The engine is kept full across chunk boundaries: the next chunk is added while fewer
-    than two batches' worth of requests are in it. The oldest unfinished chunk is stopped
+    than two batches' worth of requests are in it (with a shared ``queue``, fewer than a
+    quarter of the task's unfinished rows, but at least half a batch: `lookahead`). The
+    oldest unfinished chunk is stopped
     (its requests aborted, so the rank moves on) once it has been oldest for longer than
     ``request.chunk_timeout``; stopped chunks are returned. Each finished chunk is given the
     engine's prefix-cache counts since the chunk before it finished.
+
+    ``queue``: the task's `ChunkQueue` (first attempts), shared with other ranks; the chunks
+    are taken from it, not from ``chunks``.
+    Between two steps the loop answers its requests to give work away: the newest chunks none
+    of whose requests the engine has started (`unstarted`) leave the engine (their requests
+    aborted, so they can never finish here) and go back to the front of the queue, then the
+    back half of the queue is given away, all under the queue's lock; what stays is added to
+    the engine again as it makes room. A chunk with a started request is never given away.
     """
     counted = prefix_cache_counts(llm)
 
@@ -287,16 +384,68 @@ def step_chunks(
         on_finished(chunk)
 
     engine = llm.llm_engine
-    lookahead = 2 * engine.vllm_config.scheduler_config.max_num_seqs
+    batch = engine.vllm_config.scheduler_config.max_num_seqs
+
+    def lookahead() -> int:
+        """Requests to keep in the engine: two batches, but with a shared queue at most a
+        quarter of the task's unfinished rows (never under half a batch), so that a small task,
+        or the end of a large one, keeps work unstarted for a rank that runs dry."""
+        if queue is None:
+            return 2 * batch
+        unfinished = len(owners) + queue.queued_rows()
+        return min(2 * batch, max(batch // 2, -(-unfinished // IN_ENGINE_SHARE)))
+
     waiting = iter(chunks)
+
+    def take() -> Chunk | None:
+        """The next chunk: with a ``queue``, taken from it (chunks put back in it come out
+        again, even after it was found empty); else from ``chunks``."""
+        if queue is None:
+            return next(waiting, None)
+        taken = queue.take()
+        return Chunk(*taken) if taken is not None else None
+
     exhausted = False
     running: dict[int, Chunk] = {}  # in the order they were added
     owners: dict[str, Chunk] = {}
     stopped = []
+
+    def unstarted_tail() -> list[Chunk]:
+        """The newest chunks in the engine none of whose requests it has started, oldest first."""
+        tail: list[Chunk] = []
+        for chunk in reversed(running.values()):
+            if (
+                not chunk.pending
+                or not np.isnan(chunk.finished_at).all()
+                or chunk.halves  # score by cosine: one text of a pair is in
+                or not unstarted(llm, chunk.pending)
+            ):
+                break
+            tail.append(chunk)
+        return tail[::-1]
+
+    def give_back() -> list[tuple[int, pd.DataFrame]]:
+        """Take the unstarted chunks out of the engine; their (number, rows), for the queue."""
+        nonlocal exhausted
+        back = unstarted_tail()
+        for chunk in back:
+            engine.abort_request(list(chunk.pending))
+            for request_id in chunk.pending:
+                del owners[request_id]
+            del running[chunk.number]
+            errors = len(chunk.rows) - len(set(chunk.pending.values()))
+            report.advance(-errors, 0)  # counted again when re-added
+        exhausted = exhausted and not back
+        return [(chunk.number, chunk.rows) for chunk in back]
+
+    if queue is not None:
+        queue.start()
     try:
         while not exhausted or running:
-            while not exhausted and len(owners) < lookahead:
-                chunk = next(waiting, None)
+            if queue is not None:
+                queue.answer(give_back)
+            while not exhausted and len(owners) < lookahead():
+                chunk = take()
                 if chunk is None:
                     exhausted = True
                     break
@@ -325,6 +474,8 @@ def step_chunks(
                 if not chunk.pending:
                     del running[chunk.number]
                     finished(chunk)
+            if queue is not None:
+                queue.unstarted_in_engine = sum(len(chunk.rows) for chunk in unstarted_tail())
             report.send()
             timeout = request.chunk_timeout
             if timeout is not None and oldest.pending and time.monotonic() - oldest.head_since > timeout:
@@ -334,10 +485,43 @@ def step_chunks(
                 del running[oldest.number]
                 stopped.append(oldest)
     finally:
+        if queue is not None:  # requests from now on are answered from the queue alone
+            queue.answer(None, stop=True)
         if owners:  # an error, or the worker closing: leave the engine empty for the next task
             engine.abort_request(list(owners))
     step_with_gang(llm)
     return stopped
+
+
+def unstarted(llm: LLM, request_ids: Iterable[str]) -> bool:
+    """Whether the engine has started none of ``request_ids`` (daskdp's ids): each still waits
+    in the scheduler's queue, with no token computed (prefill included) and none generated.
+
+    Looks into the engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as daskdp
+    runs it); anything it cannot see counts as started.
+    """
+    from vllm.v1.request import RequestStatus
+
+    engine = llm.llm_engine
+    try:
+        scheduler = engine.engine_core.engine_core.scheduler
+        internal_ids = engine.output_processor.external_req_ids
+    except AttributeError:
+        return False
+    for request_id in request_ids:
+        ids = internal_ids.get(request_id)
+        if not ids:
+            return False
+        for internal_id in ids:
+            state = scheduler.requests.get(internal_id)
+            if (
+                state is None
+                or state.status != RequestStatus.WAITING
+                or state.num_computed_tokens
+                or state.num_output_tokens
+            ):
+                return False
+    return True
 
 
 def step_with_gang(llm: LLM) -> None:
