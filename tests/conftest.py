@@ -13,6 +13,7 @@ files into ``DASK_CONFIG``.)
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import cloudpickle
 import pandas as pd
 import pytest
 
@@ -39,6 +41,8 @@ os.environ["DASK_CONFIG"] = str(TEST_DASK_CONFIG)
 # handler back, which its children then get as the default.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+# Its functions run on workers, which cannot import it.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 if "dask.config" in sys.modules:  # imported before this file: its search path is already set
     sys.modules["dask.config"].paths.append(str(TEST_DASK_CONFIG))
 
@@ -151,6 +155,15 @@ def error_line(done, *needles: str, cluster_started: bool = False) -> str:
     for needle in needles:
         assert needle in line, f"{needle!r} not in {line!r}"
     return line
+
+
+def count_engines() -> int:
+    """Run on a worker (``client.run``): the ``vllm.LLM`` objects alive in its process."""
+    from vllm import LLM
+
+    gc.unfreeze()  # vLLM freezes what is alive after its start: get_objects() would miss it
+    gc.collect()
+    return sum(isinstance(obj, LLM) for obj in gc.get_objects())
 
 
 def read_results(path) -> pd.DataFrame:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 from distributed import Client
 
 import daskdp
-from conftest import PARITY_PROMPTS, read_results
+from conftest import PARITY_PROMPTS, count_engines, read_results
 from daskdp import config
 from daskdp.engine.loop import GenerationRequest, generate_partition
 from daskdp.engine.plugin import PLUGIN_NAME, EnginePlugin
@@ -27,14 +26,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 def tiny_plugin() -> EnginePlugin:
     model, engine_args = config.engine_arguments(config.load(), gpu_host=False)
     return EnginePlugin(model, engine_args)
-
-
-def count_engines() -> int:
-    from vllm import LLM
-
-    gc.unfreeze()  # vLLM freezes what is alive after its start: get_objects() would miss it
-    gc.collect()
-    return sum(isinstance(obj, LLM) for obj in gc.get_objects())
 
 
 def engine_calls(dask_worker) -> int | None:

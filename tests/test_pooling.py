@@ -23,7 +23,7 @@ import pyarrow as pa
 import pytest
 
 import daskdp
-from conftest import REPO, TINY_ENGINE, TINY_MODEL, daskdp_cli, error_line
+from conftest import REPO, TINY_ENGINE, TINY_MODEL, count_engines, daskdp_cli, error_line
 from daskdp import config
 from daskdp.engine.plugin import EnginePlugin, engine_status
 from daskdp.errors import RunError, UserError
@@ -261,6 +261,7 @@ def test_a_model_that_cannot_serve_the_task_is_refused(cluster, models):
     _, client = cluster
     with pytest.raises(Exception, match="cannot serve --task embed .* give --model an embedding model"):
         daskdp.embed(pd.DataFrame({"prompt": TEXTS}), models["classifier"], client=client)
+    assert set(client.run(count_engines).values()) == {0}  # the refused engines are freed
 
 
 @pytest.mark.slow  # loads (and refuses) an engine on both ranks
@@ -268,6 +269,7 @@ def test_dimensions_the_model_refuses_fail_the_load_in_one_line(cluster):
     _, client = cluster
     with pytest.raises(RunError, match="does not support Matryoshka embeddings; dimensions must be unset"):
         daskdp.embed(pd.DataFrame({"prompt": TEXTS}), client=client, dimensions=32)
+    assert set(client.run(count_engines).values()) == {0}  # nothing of the failed load stays
 
 
 @pytest.mark.parametrize(

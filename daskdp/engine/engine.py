@@ -13,6 +13,7 @@ import ctypes.util
 import gc
 import logging
 import os
+import traceback
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -102,7 +103,9 @@ class Engine:
         keep_buffers_on_heap()
         try:
             self.llm = LLM(model=self.model, **self.engine_args)
-        except BaseException:
+        except BaseException as failed:
+            # Dask keeps the error: its frames would keep the half-built engine, and its memory.
+            traceback.clear_frames(failed.__traceback__)
             leave_distributed()  # a gang may have formed its world before the load failed
             raise
 

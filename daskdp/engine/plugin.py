@@ -11,6 +11,7 @@ import os
 import socket
 import tempfile
 import threading
+import traceback
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -156,7 +157,8 @@ class EnginePlugin(WorkerPlugin):
         await asyncio.get_running_loop().run_in_executor(engine._thread, engine.load)
         try:
             check_task(engine.llm, self.task, self.model, self.pooling)
-        except BaseException:
+        except BaseException as refused:
+            traceback.clear_frames(refused.__traceback__)  # they hold the engine (Engine.load)
             await asyncio.get_running_loop().run_in_executor(None, engine.close)
             raise
         self.engine = engine
