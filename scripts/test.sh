@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Set up .venv with the test tools, then lint and run the whole test suite.
 #   bash scripts/test.sh [--fast | --benchmarks] [pytest arguments]
-# --fast: the inner loop's lane (aim: 3 minutes; 4 on 2 cores today): the tests not marked
-# `slow` (pytest says how many it deselected), without the SLURM start. It still runs `daskdp run` end to end on the
+# --fast: the inner loop's lane (at most 3 minutes): the tests not marked `slow` (pytest says
+# how many it deselected), without the SLURM start. It still runs `daskdp run` end to end on the
 # real engine against plain vLLM (tests/test_pipeline.py).
+# The modules run in DASKDP_TEST_PROCESSES pytest processes (default 2; pytest-xdist, a module
+# per process at a time): much of a test is waiting on a cluster, a deadline or a fresh process,
+# which the other process's test fills. Each process starts its own warm cluster.
 # --benchmarks: only the tests that run each benchmark script on a tiny input (marked
 # `benchmarks`), which the other lanes leave out: a change to benchmarks/ runs them.
 set -euo pipefail
@@ -29,11 +32,12 @@ elif ! slurm_error=$(bash scripts/slurm.sh 2>&1 >/dev/null); then
 fi
 .venv/bin/ruff check daskdp tests benchmarks tools
 .venv/bin/ruff format --check daskdp tests benchmarks tools
+pytest=(.venv/bin/python -m pytest -n "${DASKDP_TEST_PROCESSES:-2}" --dist loadfile)
 if [ -n "$fast" ]; then
     echo "fast lane: the tests marked slow, slurm or benchmarks are deselected" >&2
-    .venv/bin/python -m pytest -m "not slow and not slurm and not benchmarks" "$@"
+    "${pytest[@]}" -m "not slow and not slurm and not benchmarks" "$@"
 elif [ -n "$benchmarks" ]; then
-    .venv/bin/python -m pytest -m benchmarks "$@"
+    "${pytest[@]}" -m benchmarks "$@"
 else
-    .venv/bin/python -m pytest -m "not benchmarks" "$@"
+    "${pytest[@]}" -m "not benchmarks" "$@"
 fi
