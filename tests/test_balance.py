@@ -10,7 +10,7 @@ import pytest
 
 from conftest import TINY_ENGINE, TINY_MODEL, daskdp_cli, read_results, run_oracle
 from daskdp import plan
-from daskdp.engine.loop import ChunkQueue
+from daskdp.engine.stealing import ChunkQueue
 from daskdp.errors import RunError
 from daskdp.inputs import survey as surveys
 from daskdp.output import schema
@@ -214,7 +214,8 @@ import pandas as pd
 from vllm import LLM, SamplingParams
 from daskdp import config
 from daskdp.engine import loop as chunk_loop
-from daskdp.engine.loop import ChunkQueue, give_away, step_chunks
+from daskdp.engine.loop import step_chunks
+from daskdp.engine.stealing import ChunkQueue, give_away
 from daskdp.engine.requests import GenerationRequest
 from daskdp.engine.rows import Chunk
 

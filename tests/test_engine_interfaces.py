@@ -99,7 +99,7 @@ def test_the_process_interfaces_daskdp_uses():
 
 
 def test_the_scheduler_state_work_stealing_reads():
-    """`daskdp.engine.loop.unstarted`: which requests the engine has not started."""
+    """`daskdp.engine.stealing.unstarted`: which requests the engine has not started."""
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.engine.core_client import InprocClient

@@ -13,7 +13,8 @@ import dask
 import pandas as pd
 
 from daskdp.clusters.ranks import GPU, cluster_gpu_workers
-from daskdp.engine.loop import GIVEN_AWAY, generate_and_write, give_away, queued_rows
+from daskdp.engine.loop import generate_and_write
+from daskdp.engine.stealing import GIVEN_AWAY, give_away, queued_rows
 from daskdp.errors import RunError
 from daskdp.monitor import Monitor
 from daskdp.output.schema import record_meta
