@@ -235,6 +235,9 @@ class Report:
     def advance(self, rows, tokens):
         pass
 
+    def due(self):
+        return True
+
     def send(self):
         # Gate 0: after the first step. Gate 1: a step after chunks 0, 1 and 2 finished, when
         # chunk 3 (added again) has started. Each holds the loop until a request is in.

@@ -206,6 +206,10 @@ class ProgressReporter:
         self.done += rows
         self.tokens += tokens
 
+    def due(self) -> bool:
+        """Whether `send` would send now."""
+        return time.monotonic() - self.last >= self.interval
+
     def send(self, final: bool = False) -> None:
         now = time.monotonic()
         if final or now - self.last >= self.interval:
@@ -340,7 +344,7 @@ def step_chunks(
                 if not chunk.pending:
                     del running[chunk.number]
                     finished(chunk)
-            if queue is not None:
+            if queue is not None and report.due():  # as often as progress: it asks the scheduler
                 queue.unstarted_in_engine = sum(len(chunk.rows) for chunk in unstarted_tail())
             report.send()
             timeout = request.chunk_timeout
