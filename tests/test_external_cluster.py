@@ -188,7 +188,10 @@ def join_worker(scheduler: str, sessions: Sessions, client: Client, log: str) ->
     deadline = time.monotonic() + 120
     while True:  # joined: the scheduler knows a worker whose process is this one
         assert process.poll() is None, sessions.log(log)[-3000:]
-        pids = client.run(os.getpid) if client.scheduler_info(n_workers=-1)["workers"] else {}
+        # on_error: a worker that leaves meanwhile (one a test killed) is not the one joining
+        pids = (
+            client.run(os.getpid, on_error="ignore") if client.scheduler_info(n_workers=-1)["workers"] else {}
+        )
         if process.pid in pids.values():
             return process
         assert time.monotonic() < deadline, f"{log} did not join in 120 s"
