@@ -13,14 +13,17 @@ files into ``DASK_CONFIG``.)
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import cloudpickle
@@ -104,21 +107,64 @@ def plain_vllm(
     return run_oracle(ORACLE, spec)
 
 
+# Runs in the oracle's process: ``script`` with ``spec`` on its stdin; what it prints goes to the
+# file ``printed``, a traceback after ORACLE-FAILED.
+ORACLE_PROCESS = r"""
+import contextlib, io, os, sys, traceback
+os.environ.update({"VLLM_LOGGING_LEVEL": "ERROR", "TQDM_DISABLE": "1"})
+sys.stdin = io.StringIO(spec)
+out = io.StringIO()
+try:
+    with contextlib.redirect_stdout(out):
+        exec(compile(script, "<oracle>", "exec"), {"__name__": "__main__"})
+except BaseException:
+    out.write("\nORACLE-FAILED " + traceback.format_exc())
+with open(printed, "w") as file:
+    file.write(out.getvalue())
+"""
+_forkserver_held = False
+
+
+def start_oracle(script: str, spec: dict) -> Callable[[], dict]:
+    """Start a plain-vLLM ``script`` now, with ``spec`` as JSON on its stdin; a function that
+    waits for it and returns the JSON it prints after ``ORACLE`` (read once).
+
+    It runs in a process of its own, forked from the forkserver that local ranks fork from:
+    vLLM is imported there once per test process, not once per oracle (seconds of a core
+    each). Its threads are the ranks' (one each).
+    """
+    global _forkserver_held
+    if not _forkserver_held:  # held to the end of the session, as the warm cluster holds it
+        from daskdp.clusters.forkserver import start_forkserver
+
+        start_forkserver()
+        _forkserver_held = True
+    printed = Path(tempfile.mkdtemp(prefix="daskdp-oracle-")) / "printed"
+    variables = {"script": script, "spec": json.dumps(spec), "printed": str(printed)}
+    process = multiprocessing.get_context("forkserver").Process(target=exec, args=(ORACLE_PROCESS, variables))
+    process.start()
+
+    @functools.cache
+    def result() -> dict:
+        process.join(600)
+        if process.is_alive():
+            process.kill()
+            pytest.fail("the oracle took more than 600 s")
+        output = (
+            printed.read_text() if printed.exists() else f"the oracle's process exited {process.exitcode}"
+        )
+        shutil.rmtree(printed.parent, ignore_errors=True)
+        assert "ORACLE-FAILED" not in output, output[-3000:]
+        line = next((line for line in output.splitlines() if line.startswith("ORACLE")), None)
+        assert line is not None, output[-3000:]
+        return json.loads(line.removeprefix("ORACLE"))
+
+    return result
+
+
 def run_oracle(script: str, spec: dict) -> dict:
-    """Run a plain-vLLM ``script`` in a fresh process with ``spec`` as JSON on its stdin; the
-    JSON it prints after ``ORACLE``."""
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TQDM_DISABLE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        input=json.dumps(spec),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(line for line in done.stdout.splitlines() if line.startswith("ORACLE"))
-    return json.loads(line.removeprefix("ORACLE"))
+    """`start_oracle`, waited for."""
+    return start_oracle(script, spec)()
 
 
 def daskdp_cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:

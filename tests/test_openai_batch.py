@@ -27,7 +27,16 @@ import pytest
 from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
-from conftest import DASKDP, TINY_ENGINE, TINY_MODEL, daskdp_cli, error_line, plain_vllm, read_results
+from conftest import (
+    DASKDP,
+    TINY_ENGINE,
+    TINY_MODEL,
+    daskdp_cli,
+    error_line,
+    plain_vllm,
+    read_results,
+    start_oracle,
+)
 
 TOKENS = 12
 # Half the requests share a long system prompt: prefix locality reorders them, so the chunk
@@ -432,15 +441,8 @@ SCORES = [
 @pytest.fixture(scope="module")
 def pooling_runs(tmp_path_factory, cluster):
     """Both files through `daskdp run --export` on the warm cluster, with no --task: each is
-    read from the files' endpoints. Plain vLLM answers meanwhile, in one subprocess."""
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    oracle = subprocess.Popen(
-        [sys.executable, "-c", POOLING_ORACLE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
-    oracle.stdin.write(json.dumps({"model": str(TINY_MODEL), "engine": TINY_ENGINE, "texts": TEXTS}))
-    oracle.stdin.close()
-    oracle.stdin = None
+    read from the files' endpoints. Plain vLLM answers meanwhile (`start_oracle`)."""
+    oracle = start_oracle(POOLING_ORACLE, {"model": str(TINY_MODEL), "engine": TINY_ENGINE, "texts": TEXTS})
     _, client = cluster
     folder = tmp_path_factory.mktemp("pooling")
     exported = {}
@@ -452,9 +454,7 @@ def pooling_runs(tmp_path_factory, cluster):
             "--quiet",
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
-    stdout, stderr = oracle.communicate(timeout=600)
-    assert oracle.returncode == 0, stderr[-3000:]
-    plain = json.loads(next(line for line in stdout.splitlines() if line.startswith("ORACLE"))[6:])
+    plain = oracle()
     lines = {
         name: {line["custom_id"]: line for line in map(json.loads, path.read_text().splitlines())}
         for name, path in exported.items()

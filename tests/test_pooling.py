@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -23,7 +20,7 @@ import pyarrow as pa
 import pytest
 
 import daskdp
-from conftest import REPO, TINY_ENGINE, TINY_MODEL, count_engines, daskdp_cli, error_line
+from conftest import REPO, TINY_ENGINE, TINY_MODEL, count_engines, daskdp_cli, error_line, start_oracle
 from daskdp import config
 from daskdp.engine.plugin import EnginePlugin, engine_status
 from daskdp.errors import RunError, UserError
@@ -75,7 +72,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain(models):
-    """Plain vLLM's answers, from one subprocess started now and read when a test needs them."""
+    """Plain vLLM's answers, from one oracle started now and read when a test needs them."""
     spec = {
         "embedder": str(TINY_MODEL),
         "classifier": models["classifier"],
@@ -87,31 +84,8 @@ def plain(models):
         "long": LONG_TEXT,
         "keep": KEEP,
     }
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-c", ORACLE],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    process.stdin.write(json.dumps(spec))
-    process.stdin.close()
-    process.stdin = None  # written: communicate() below only reads
-    answers = {}
-
-    def answer(key: str):
-        if not answers:
-            stdout, stderr = process.communicate(timeout=600)
-            assert process.returncode == 0, stderr[-3000:]
-            line = next(line for line in stdout.splitlines() if line.startswith("ORACLE"))
-            answers.update(json.loads(line.removeprefix("ORACLE")))
-        return answers[key]
-
-    yield answer
-    if process.poll() is None:
-        process.kill()
+    answers = start_oracle(ORACLE, spec)
+    return lambda key: answers()[key]
 
 
 def close(ours, theirs) -> None:
