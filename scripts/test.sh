@@ -32,7 +32,8 @@ elif ! slurm_error=$(bash scripts/slurm.sh 2>&1 >/dev/null); then
 fi
 .venv/bin/ruff check daskdp tests benchmarks tools
 .venv/bin/ruff format --check daskdp tests benchmarks tools
-pytest=(.venv/bin/python -m pytest -n "${DASKDP_TEST_PROCESSES:-2}" --dist loadfile)
+# Modules in the order tests/conftest.py gives them (the longest first), not by test count.
+pytest=(.venv/bin/python -m pytest -n "${DASKDP_TEST_PROCESSES:-2}" --dist loadfile --no-loadscope-reorder)
 if [ -n "$fast" ]; then
     echo "fast lane: the tests marked slow, slurm or benchmarks are deselected" >&2
     "${pytest[@]}" -m "not slow and not slurm and not benchmarks" "$@"

@@ -13,6 +13,7 @@ files into ``DASK_CONFIG``.)
 from __future__ import annotations
 
 import atexit
+import collections
 import functools
 import gc
 import json
@@ -216,6 +217,14 @@ def read_results(path) -> pd.DataFrame:
     files = sorted(Path(path).glob("part-*.parquet"))
     assert files, f"no shards in {path}"
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with the most slow tests first: spread over pytest processes (scripts/test.sh),
+    the long ones start early, instead of one running alone at the end. Each module's tests
+    stay together, in their order."""
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
 
 
 @pytest.fixture(scope="session")

@@ -75,7 +75,7 @@ def start_forkserver() -> None:
     enable_proctitle_on_children()
     with (
         _environment({**pre_spawn, **quiet_environment(), **CPU_RANK_THREADS}),
-        _sigint_ignored(),
+        _sigint_held(),
         _short_socket_directory(),
     ):
         multiprocessing.forkserver.ensure_running()
@@ -98,19 +98,23 @@ def release_forkserver() -> None:
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Start processes that ignore Ctrl-C: the terminal sends SIGINT to the whole process
-    group, and the process that started them stops them itself. (The forkserver ignores it
-    once its imports are done, and its ranks inherit what it had before; killed mid-import,
-    it made each worker waiting for it log a traceback.)"""
+def _sigint_held() -> Iterator[None]:
+    """Start processes with Ctrl-C held back: the terminal sends SIGINT to the whole process
+    group, and the process that started them stops them itself.
+
+    The forkserver starts with SIGINT blocked and ignores it before it imports anything
+    (`daskdp.clusters.forkserver_preload`); its ranks inherit that. (Killed mid-import, it made
+    each worker waiting for it log a traceback.) This process gets a Ctrl-C of those instants
+    once they are over: blocked, not ignored, which lost it.
+    """
     if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set signal handlers
+        yield  # other threads do not start it: `start_forkserver` runs on the main thread
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager

@@ -9,4 +9,11 @@ rank's start. Keep this extra module. When Python, vLLM or transformers change, 
 forkserver's minor faults (``/proc/PID/stat``) both ways.
 """
 
-import daskdp.clusters.rank_imports  # noqa: F401
+import signal
+
+# Started with SIGINT blocked (`daskdp.clusters.forkserver._sigint_held`): ignored from here on,
+# by the forkserver and the ranks it forks; a Ctrl-C sent meanwhile is dropped with it.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+import daskdp.clusters.rank_imports  # noqa: E402, F401
