@@ -4,11 +4,11 @@
 # --fast: the inner loop's lane (at most 3 minutes): the tests not marked `slow` (pytest says
 # how many it deselected), without the SLURM start. It still runs `daskdp run` end to end on the
 # real engine against plain vLLM (tests/test_pipeline.py).
-# The modules run in DASKDP_TEST_PROCESSES pytest processes (default 2; pytest-xdist, a module
-# per process at a time): much of a test is waiting on a cluster, a deadline or a fresh process,
-# which the other process's test fills. Each process starts its own warm cluster.
 # --benchmarks: only the tests that run each benchmark script on a tiny input (marked
 # `benchmarks`), which the other lanes leave out: a change to benchmarks/ runs them.
+# Every lane runs its modules in DASKDP_TEST_PROCESSES pytest processes (default 2;
+# pytest-xdist, one module per process at a time): much of a test is waiting on a cluster, a
+# deadline or a process, which the other process's test fills. Each starts its own warm cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fast=

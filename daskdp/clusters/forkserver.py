@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import signal
 import tempfile
@@ -73,6 +74,8 @@ def start_forkserver() -> None:
     multiprocessing.get_context("forkserver").set_forkserver_preload([PRELOAD])
     # As a nanny does for the workers it starts: they show as `dask worker [...]` in ps and top.
     enable_proctitle_on_children()
+    # Started first: it unblocks SIGINT once it runs, which would end `_sigint_held` early.
+    multiprocessing.resource_tracker.ensure_running()
     with (
         _environment({**pre_spawn, **quiet_environment(), **CPU_RANK_THREADS}),
         _sigint_held(),
