@@ -230,7 +230,7 @@ def step_chunks(
 
     The engine is kept full across chunk boundaries: the next chunk is added while fewer
     than two batches' worth of requests are in it (with a shared ``queue``, fewer than a
-    quarter of the task's unfinished rows, but at least half a batch: `lookahead`). The
+    quarter of the task's unfinished rows, but at least a batch: `lookahead`). The
     oldest unfinished chunk is stopped
     (its requests aborted, so the rank moves on) once it has been oldest for longer than
     ``request.chunk_timeout``; stopped chunks are returned. Each finished chunk is given the
@@ -258,12 +258,13 @@ def step_chunks(
 
     def lookahead() -> int:
         """Requests to keep in the engine: two batches, but with a shared queue at most a
-        quarter of the task's unfinished rows (never under half a batch), so that a small task,
-        or the end of a large one, keeps work unstarted for a rank that runs dry."""
+        quarter of the task's unfinished rows, so that a small task, or the end of a large one,
+        keeps work unstarted for a rank that runs dry; never under one batch, which the engine
+        steps at once (fewer would slow every task's end)."""
         if queue is None:
             return 2 * batch
         unfinished = len(owners) + queue.queued_rows()
-        return min(2 * batch, max(batch // 2, -(-unfinished // IN_ENGINE_SHARE)))
+        return min(2 * batch, max(batch, -(-unfinished // IN_ENGINE_SHARE)))
 
     waiting = iter(chunks)
 
