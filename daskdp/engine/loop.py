@@ -211,9 +211,8 @@ class ProgressReporter:
         return time.monotonic() - self.last >= self.interval
 
     def send(self, final: bool = False) -> None:
-        now = time.monotonic()
-        if final or now - self.last >= self.interval:
-            self.last = now
+        if final or self.due():
+            self.last = time.monotonic()
             message = {**self.message, "done": self.done, "tokens": self.tokens, "final": final}
             self.worker.log_event(PROGRESS_TOPIC, message)
 
@@ -230,11 +229,10 @@ def step_chunks(
 
     The engine is kept full across chunk boundaries: the next chunk is added while fewer
     than two batches' worth of requests are in it (with a shared ``queue``, fewer than a
-    quarter of the task's unfinished rows, but at least a batch: `lookahead`). The
-    oldest unfinished chunk is stopped
-    (its requests aborted, so the rank moves on) once it has been oldest for longer than
-    ``request.chunk_timeout``; stopped chunks are returned. Each finished chunk is given the
-    engine's prefix-cache counts since the chunk before it finished.
+    quarter of the task's unfinished rows, but at least a batch: `lookahead`). The oldest
+    unfinished chunk is stopped (its requests aborted, so the rank moves on) once it has been
+    oldest for longer than ``request.chunk_timeout``; stopped chunks are returned. Each
+    finished chunk is given the engine's prefix-cache counts since the chunk before it finished.
 
     ``queue``: the task's `ChunkQueue` (first attempts), shared with other ranks; the chunks
     are taken from it, not from ``chunks``.

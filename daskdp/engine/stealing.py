@@ -31,10 +31,10 @@ class ChunkQueue:
 
     The engine takes them from the front; a rank that has run out of work is given the back
     half (`give_away`), so that each side keeps neighbouring chunks (rows sharing a prefix).
-    The engine's loop takes up to two batches of requests ahead, so that most of a small task's
-    chunks have entered the engine at once: while the loop runs (``stepping``), a request to
-    give work away is answered by the loop itself, between two engine steps, after it has taken
-    back the chunks none of whose requests the engine has started (`step_chunks`).
+    The engine's loop takes chunks into the engine ahead of their start (`step_chunks`): while
+    it runs (``stepping``), a request to give work away is answered by the loop itself, between
+    two engine steps, after it has taken back the chunks none of whose requests the engine has
+    started.
     """
 
     running: dict[Key, ChunkQueue] = {}  # the queues of the tasks running in this process
@@ -68,13 +68,14 @@ class ChunkQueue:
     def rows(self) -> int:
         """Rows not started: in the queue, and in chunks of the engine none of whose rows started."""
         with self.lock:
-            return sum(len(rows) for _, rows in self.chunks) + (
-                self.unstarted_in_engine if self.stepping else 0
-            )
+            return self._queued() + (self.unstarted_in_engine if self.stepping else 0)
 
     def queued_rows(self) -> int:
         with self.lock:
-            return sum(len(rows) for _, rows in self.chunks)
+            return self._queued()
+
+    def _queued(self) -> int:
+        return sum(len(rows) for _, rows in self.chunks)
 
     def give_away(self) -> list[int]:
         """Remove the back half of the queued chunks (rounded up); their numbers."""
